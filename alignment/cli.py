@@ -1,0 +1,58 @@
+"""`smoe-align <stage> --config RECIPE.yaml [--key value ...]`"""
+
+import argparse
+import os
+import sys
+
+from alignment.errors import SmoeError
+
+USAGE = """smoe-align <stage> --config RECIPE.yaml [--key value ...]
+
+stages, in pipeline order:
+  init-model     build the tiny JetMoE and its tokenizer (the embedded default base model)
+  teacher-sft    a teacher answers prompts: the dSFT dataset
+  sft            distilled SFT of the student (TRL SFTTrainer)
+  teacher-prefs  policies answer, a judge scores, pairs are binarized: the preference dataset
+  dpo            distilled DPO of the dSFT model (TRL DPOTrainer)
+  eval           held-out accuracy per skill and judge score of each model
+  pipeline       every stage of a pipeline recipe, skipping complete ones, then the report
+
+Keys are the recipe's dataclass fields (TRL / transformers names where they exist);
+`smoe-align <stage> --help` lists them."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    from alignment.stages import STAGES
+
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in STAGES:
+        print(USAGE)
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"\nerror: unknown stage {argv[0]!r}", file=sys.stderr)
+            return 2
+        return 0
+    stage, rest = argv[0], argv[1:]
+    parser = argparse.ArgumentParser(prog=f"smoe-align {stage}", add_help=False)
+    parser.add_argument("--config", required=False)
+    parser.add_argument("--help", "-h", action="store_true")
+    known, extra = parser.parse_known_args(rest)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        from alignment.configs import field_names, parse_overrides
+        from alignment.stages import recipe_classes, run_stage
+
+        if known.help:
+            print(f"smoe-align {stage} --config RECIPE.yaml [--key value ...]\nkeys: " + ", ".join(sorted(field_names(*recipe_classes(stage)))))
+            return 0
+        if not known.config:
+            raise SmoeError("no recipe given", f"smoe-align {stage}", f"pass --config recipes/tiny/{stage.replace('-', '_')}.yaml")
+        out = run_stage(stage, known.config, parse_overrides(extra))
+        print(f"[{stage}] done: {out}")
+        return 0
+    except SmoeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

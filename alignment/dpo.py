@@ -1,0 +1,34 @@
+"""dpo: distilled DPO of the dSFT model on the teacher's preferences (TRL DPOTrainer).
+
+usage: smoe-align dpo --config recipes/tiny/dpo.yaml [--key value ...]
+
+Reads ultrafeedback_binarized or TRL preference rows. With LoRA the reference is the base with the
+adapter disabled; with full fine-tuning, a frozen copy (or precomputed log-probs: precompute_ref_log_probs).
+"""
+
+import time
+from dataclasses import dataclass
+
+from datasets import Dataset
+from trl import DPOConfig, DPOTrainer, ModelConfig
+
+from alignment.data import read_rows, to_preference
+from alignment.train_common import load_student, train_and_save
+
+
+@dataclass
+class DPODataArgs:
+    dataset_path: str = ""
+    max_train_samples: int | None = None
+
+
+RECIPE_CLASSES = (DPODataArgs, DPOConfig, ModelConfig)
+
+
+def run(data_args: DPODataArgs, training_args: DPOConfig, model_args: ModelConfig):
+    started = time.time()
+    rows = read_rows(data_args.dataset_path)[: data_args.max_train_samples]
+    dataset = Dataset.from_list([to_preference(r, data_args.dataset_path, i) for i, r in enumerate(rows, 1)])
+    model, tokenizer, peft_config = load_student(model_args)
+    trainer = DPOTrainer(model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config)
+    return train_and_save(trainer, "dpo", started, rows=len(dataset))

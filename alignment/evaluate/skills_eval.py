@@ -1,0 +1,94 @@
+"""eval: held-out exact-match accuracy per skill and mean judge score, for each model.
+
+usage: smoe-align eval --config recipes/tiny/eval.yaml [--key value ...]
+
+Greedy answers to held-out skills prompts (never seen in any training split), checked exactly against
+the true answers by the skills judge. Each model's raw judgments go to `judgments/<name>.jsonl` and its
+figures to `results/<name>.json`; a model already scored is skipped on a rerun.
+"""
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from alignment.errors import SmoeError
+from alignment.manifest import write_manifest
+from teacher_data import skills
+from teacher_data.prompts import load_prompts
+from teacher_data.store import write_jsonl
+from teacher_data.teachers import HFTeacher, Sampling
+
+
+@dataclass
+class EvalArgs:
+    output_dir: str = "runs/tiny/eval"
+    models: list = field(default_factory=list)  # [{name, path}]: model dirs, adapter dirs or hub ids
+    prompts: str = "skills:heldout"
+    prompts_per_skill: int = 500
+    seed: int = 0
+    batch_size: int = 256
+    max_new_tokens: int = 24
+
+    def __post_init__(self):
+        if not self.models or not all(isinstance(m, dict) and {"name", "path"} <= set(m) for m in self.models):
+            raise ValueError("models must be a list of {name, path} entries")
+
+
+def score_model(name: str, path: str, prompts: list[dict], args: EvalArgs) -> dict:
+    teacher = HFTeacher(path, batch_size=args.batch_size)
+    sampling = Sampling(n=1, temperature=0.0, max_new_tokens=args.max_new_tokens, seed=args.seed)
+    answers = teacher.complete([p["messages"] for p in prompts], sampling)
+    rows, per_skill = [], {}
+    for prompt, (answer,) in zip(prompts, answers):
+        verdict = skills.judge(prompt["messages"], answer.text or "")
+        rows.append({"prompt_id": prompt["prompt_id"], "category": prompt.get("category"), "response": answer.text, "finish_reason": answer.finish_reason, "correct": verdict.correct, "score": verdict.score, "judgment": verdict.judgment})
+        per_skill.setdefault(prompt.get("category") or "other", []).append(verdict)
+    accuracy = {skill: 100.0 * sum(v.correct for v in verdicts) / len(verdicts) for skill, verdicts in per_skill.items()}
+    scores = [v.score for verdicts in per_skill.values() for v in verdicts if v.score is not None]
+    result = {
+        "name": name,
+        "path": path,
+        "n": len(prompts),
+        "accuracy": accuracy,
+        "mean_accuracy": sum(accuracy.values()) / len(accuracy),
+        "judge_score": sum(scores) / len(scores) if scores else None,
+        "unjudged": len(prompts) - len(scores),
+    }
+    return result, rows
+
+
+def run(args: EvalArgs):
+    started = time.time()
+    out = Path(args.output_dir)
+    (out / "results").mkdir(parents=True, exist_ok=True)
+    (out / "judgments").mkdir(parents=True, exist_ok=True)
+    prompts = load_prompts(args.prompts, args.prompts_per_skill, args.seed)
+    results = {}
+    for entry in args.models:
+        name, path = entry["name"], entry["path"]
+        done = out / "results" / f"{name}.json"
+        if done.is_file():
+            results[name] = json.loads(done.read_text())
+            continue
+        if not Path(path).exists() and not ("/" in path and not path.startswith((".", "/"))):
+            raise SmoeError(f"model {name!r} not found at {path}", args.output_dir, "run the stage that writes it first, or fix its path")
+        result, rows = score_model(name, path, prompts, args)
+        write_jsonl(rows, out / "judgments" / f"{name}.jsonl")
+        done.write_text(json.dumps(result, indent=2))
+        results[name] = result
+        print(f"[eval] {name}: mean accuracy {result['mean_accuracy']:.1f}% " + " ".join(f"{k} {v:.1f}" for k, v in result["accuracy"].items()))
+    (out / "summary.json").write_text(json.dumps({"models": results}, indent=2))
+    (out / "report.md").write_text(accuracy_table(results))
+    write_manifest(out, "eval", started, models=list(results))
+    return results
+
+
+def accuracy_table(results: dict) -> str:
+    skill_names = sorted({s for r in results.values() for s in r["accuracy"]})
+    lines = ["| model | " + " | ".join(skill_names) + " | mean | judge score (0-10) |", "|---" * (len(skill_names) + 3) + "|"]
+    for name, r in results.items():
+        cells = [f"{r['accuracy'].get(s, float('nan')):.1f}" for s in skill_names]
+        judge_score = "n/a" if r["judge_score"] is None else f"{r['judge_score']:.2f}"
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | **{r['mean_accuracy']:.1f}** | {judge_score} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,90 @@
+"""The run report: summary.json for scripts, report.md and report.png for people."""
+
+import json
+import time
+from pathlib import Path
+
+from alignment.evaluate.skills_eval import accuracy_table
+from alignment.manifest import read_manifest
+
+CONTROLS = {"control_teacher_sft": "control (1): more SFT on the teacher's answers", "control_chosen_sft": "control (2): SFT on judge-chosen samples"}
+
+
+def _series(log_history: list[dict], key: str):
+    points = [(h["step"], h[key]) for h in log_history if key in h]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def plot(stage_logs: dict, results: dict, path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    ax = axes[0][0]
+    for name, (stage, logs) in stage_logs.items():
+        if stage == "sft":
+            ax.plot(*_series(logs, "loss"), label=name)
+    ax.set(title="SFT training loss (assistant tokens)", xlabel="step", ylabel="loss", yscale="log")
+    ax.legend(fontsize=8)
+    ax = axes[0][1]
+    for name, (stage, logs) in stage_logs.items():
+        if stage == "dpo":
+            ax.plot(*_series(logs, "loss"), label=f"{name} loss")
+            ax.plot(*_series(logs, "rewards/margins"), label=f"{name} reward margin")
+    ax.set(title="DPO loss and reward margin", xlabel="step")
+    ax.legend(fontsize=8)
+    ax = axes[1][0]
+    for name, (stage, logs) in stage_logs.items():
+        if stage == "dpo":
+            ax.plot(*_series(logs, "rewards/accuracies"), label=f"{name} reward accuracy")
+    ax.set(title="DPO reward accuracy", xlabel="step", ylim=(0, 1.05))
+    ax.legend(fontsize=8)
+    ax = axes[1][1]
+    skills = sorted({s for r in results.values() for s in r["accuracy"]}) + ["mean"]
+    width = 0.8 / max(1, len(results))
+    for i, (name, r) in enumerate(results.items()):
+        values = [r["accuracy"].get(s, 0.0) for s in skills[:-1]] + [r["mean_accuracy"]]
+        ax.bar([x + i * width for x in range(len(skills))], values, width, label=name)
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(skills))], skills)
+    ax.set(title="held-out exact-match accuracy per stage (%)", ylim=(0, 105))
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_report(outputs: dict, output_dir: str, started: float) -> dict:
+    """outputs: stage name -> (stage kind, output dir), in pipeline order."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    manifests = {name: read_manifest(d) for name, (_, d) in outputs.items()}
+    stage_logs = {name: (kind, manifests[name].get("log_history", [])) for name, (kind, _) in outputs.items() if kind in ("sft", "dpo")}
+    results = {}
+    for name, (kind, d) in outputs.items():
+        if kind == "eval":
+            results.update(json.loads((Path(d) / "summary.json").read_text())["models"])
+    mean = {name: r["mean_accuracy"] for name, r in results.items()}
+    deltas = {}
+    if "ddpo" in mean and "dsft" in mean:
+        deltas["ddpo_minus_dsft"] = mean["ddpo"] - mean["dsft"]
+        for control in CONTROLS:
+            if control in mean:
+                deltas[f"ddpo_minus_{control}"] = mean["ddpo"] - mean[control]
+    timings = {name: manifests[name].get("seconds") for name in outputs}
+    table = accuracy_table(results) if results else ""
+    summary = {"models": results, "deltas": deltas, "stage_seconds": timings, "table": table, "wall_seconds": round(time.time() - started, 1)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    if results or stage_logs:
+        plot(stage_logs, results, out / "report.png")
+    lines = ["# smoe-align run report", "", "Held-out exact-match accuracy (%) against the true answers, greedy decoding.", "", table]
+    for key, value in deltas.items():
+        lines.append(f"- {key.replace('_', ' ')}: {value:+.1f} points")
+    for control, what in CONTROLS.items():
+        if control in results:
+            lines.append(f"- {control} is {what}, with dDPO's step count")
+    lines += ["", "| stage | seconds |", "|---|---|"] + [f"| {n} | {s} |" for n, s in timings.items()]
+    lines += ["", "![training and accuracy](report.png)", ""]
+    (out / "report.md").write_text("\n".join(lines))
+    return summary

@@ -1,0 +1,38 @@
+"""sft: distilled supervised fine-tuning on teacher-written conversations (TRL SFTTrainer).
+
+usage: smoe-align sft --config recipes/tiny/sft.yaml [--key value ...]
+
+Loss on assistant turns only. Full fine-tuning, or LoRA with `use_peft: true` (TRL ModelConfig keys).
+"""
+
+import time
+from dataclasses import dataclass
+
+from datasets import Dataset
+from trl import ModelConfig, SFTConfig, SFTTrainer
+
+from alignment.data import read_rows, to_conversation
+from alignment.train_common import load_student, train_and_save
+
+
+@dataclass
+class SFTDataArgs:
+    dataset_path: str = ""
+    messages_field: str = "messages"  # `chosen` trains on a preference set's chosen conversations
+    max_train_samples: int | None = None
+
+
+RECIPE_CLASSES = (SFTDataArgs, SFTConfig, ModelConfig)
+
+
+def load_sft_dataset(args: SFTDataArgs) -> Dataset:
+    rows = read_rows(args.dataset_path)[: args.max_train_samples]
+    return Dataset.from_list([{"messages": to_conversation(r, args.messages_field, args.dataset_path, i)} for i, r in enumerate(rows, 1)])
+
+
+def run(data_args: SFTDataArgs, training_args: SFTConfig, model_args: ModelConfig):
+    started = time.time()
+    dataset = load_sft_dataset(data_args)
+    model, tokenizer, peft_config = load_student(model_args)
+    trainer = SFTTrainer(model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config)
+    return train_and_save(trainer, "sft", started, rows=len(dataset))

@@ -1,0 +1,26 @@
+"""What the sft and dpo stages share: model set-up, resuming, and the manifest after training."""
+
+import time
+
+from transformers.trainer_utils import get_last_checkpoint
+from trl import ModelConfig, get_peft_config
+
+from alignment.manifest import write_manifest
+from alignment.models.jetmoe import load_causal_lm, load_tokenizer
+
+
+def load_student(model_args: ModelConfig):
+    model = load_causal_lm(model_args.model_name_or_path, model_args.dtype, attn_implementation=model_args.attn_implementation)
+    return model, load_tokenizer(model_args.model_name_or_path), get_peft_config(model_args)
+
+
+def train_and_save(trainer, stage: str, started: float, **info):
+    """Resume from the newest checkpoint if a run was cut off, then save the model and the manifest."""
+    output_dir = trainer.args.output_dir
+    trainer.train(resume_from_checkpoint=get_last_checkpoint(output_dir))
+    trainer.save_model(output_dir)
+    if trainer.processing_class is not None:
+        trainer.processing_class.save_pretrained(output_dir)
+    logs = trainer.state.log_history
+    write_manifest(output_dir, stage, started, log_history=logs, global_step=trainer.state.global_step, **info)
+    return logs

@@ -1,0 +1,1 @@
+"""The teacher side: prompt sources, teachers, judges and the datasets they write."""

@@ -1,0 +1,139 @@
+"""teacher-prefs: policies answer prompts, a judge scores the answers, the scores become preference pairs.
+
+usage: smoe-align teacher-prefs --config recipes/tiny/teacher_prefs.yaml [--key value ...]
+
+Every judged prompt is kept in shards (all completions with score and judgment), so a rerun skips
+what was judged. Binarization runs at the end over all of them and writes `train.jsonl` in the
+ultrafeedback_binarized schema.
+"""
+
+import random
+import time
+from dataclasses import dataclass, field
+
+from tqdm.auto import tqdm
+
+from alignment.data import DATA_FILE
+from alignment.errors import SmoeError
+from alignment.manifest import write_manifest
+from teacher_data import skills
+from teacher_data.prompts import load_prompts
+from teacher_data.store import ShardStore, write_jsonl
+from teacher_data.teachers import Sampling, make_teacher
+
+
+def best_vs_random_lower(scored: list[dict], rng: random.Random):
+    """Zephyr: the best completion against a random one scored lower."""
+    best = max(c["score"] for c in scored)
+    lower = [c for c in scored if c["score"] < best]
+    if not lower:
+        return None
+    return rng.choice([c for c in scored if c["score"] == best]), rng.choice(lower)
+
+
+def best_vs_worst(scored: list[dict], rng: random.Random):
+    best, worst = max(c["score"] for c in scored), min(c["score"] for c in scored)
+    if best == worst:
+        return None
+    return rng.choice([c for c in scored if c["score"] == best]), rng.choice([c for c in scored if c["score"] == worst])
+
+
+BINARIZE = {"best_vs_random_lower": best_vs_random_lower, "best_vs_worst": best_vs_worst}
+
+
+@dataclass
+class TeacherPrefsArgs:
+    output_dir: str = "runs/tiny/pref_data"
+    prompts: str = "skills:prefs"
+    prompts_per_skill: int = 0
+    seed: int = 0
+    # each policy: {name, backend, ...backend arguments, num_samples, temperature, top_p, max_new_tokens}
+    policies: list = field(default_factory=list)
+    judge: dict = field(default_factory=lambda: {"backend": "skills"})
+    binarize: str = "best_vs_random_lower"
+    min_score_margin: float = 0.0
+    shard_size: int = 1024
+
+    def __post_init__(self):
+        if self.binarize not in BINARIZE:
+            raise ValueError(f"binarize={self.binarize!r}; choose one of {sorted(BINARIZE)}")
+        if not self.policies:
+            raise ValueError("policies is empty; name at least one policy that answers the prompts")
+        if self.judge.get("backend") != "skills":
+            raise ValueError("judge: only the exact `skills` judge exists so far (judge: {backend: skills})")
+
+
+def _sampling(policy: dict, seed: int) -> Sampling:
+    return Sampling(
+        n=policy.get("num_samples", 1),
+        temperature=policy.get("temperature", 1.0),
+        top_p=policy.get("top_p", 1.0),
+        max_new_tokens=policy.get("max_new_tokens", 64),
+        seed=seed,
+    )
+
+
+def _judged_row(prompt: dict, completions: list[dict]) -> dict:
+    for c in completions:
+        verdict = skills.judge(prompt["messages"], c["messages"][-1]["content"] if c["messages"] else "")
+        c["score"], c["judgment"] = verdict.score, verdict.judgment
+    return {"prompt_id": prompt["prompt_id"], "prompt": prompt["messages"][-1]["content"], "messages": prompt["messages"], "category": prompt.get("category"), "completions": completions}
+
+
+def binarize_row(row: dict, strategy: str, min_margin: float, seed: int) -> dict | None:
+    scored = [c for c in row["completions"] if c["score"] is not None and c["messages"]]
+    if not scored:
+        return None
+    pair = BINARIZE[strategy](scored, random.Random(f"{seed}:{row['prompt_id']}"))
+    if pair is None or pair[0]["score"] - pair[1]["score"] < min_margin:
+        return None
+    chosen, rejected = pair
+    return {
+        "prompt_id": row["prompt_id"],
+        "prompt": row["prompt"],
+        "chosen": row["messages"] + chosen["messages"],
+        "rejected": row["messages"] + rejected["messages"],
+        "score_chosen": chosen["score"],
+        "score_rejected": rejected["score"],
+        "category": row["category"],
+        "completions": row["completions"],
+    }
+
+
+def run(args: TeacherPrefsArgs):
+    started = time.time()
+    prompts = load_prompts(args.prompts, args.prompts_per_skill, args.seed)
+    store = ShardStore(args.output_dir)
+    done = store.done_ids()
+    todo = [p for p in prompts if p["prompt_id"] not in done]
+    if todo:
+        policies = []
+        for i, spec in enumerate(args.policies):
+            spec = dict(spec)
+            name, sampling = spec.pop("name", f"policy{i}"), _sampling(spec, args.seed + i)
+            for key in ("num_samples", "temperature", "top_p", "max_new_tokens"):
+                spec.pop(key, None)
+            policies.append((name, make_teacher(spec, f"policies[{i}]"), sampling))
+        with tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc="teacher-prefs", unit="prompt") as bar:
+            for start in range(0, len(todo), args.shard_size):
+                chunk = todo[start : start + args.shard_size]
+                completions = [[] for _ in chunk]
+                for name, policy, sampling in policies:
+                    for slot, samples in zip(completions, policy.complete([p["messages"] for p in chunk], sampling)):
+                        for s in samples:
+                            messages = [{"role": "assistant", "content": s.text}] if s.text is not None else []
+                            slot.append({"policy": name, "messages": messages, "finish_reason": s.finish_reason})
+                store.write([_judged_row(p, c) for p, c in zip(chunk, completions)])
+                bar.update(len(chunk))
+    pairs, judged = [], 0
+    for row in store.rows():
+        judged += 1
+        pair = binarize_row(row, args.binarize, args.min_score_margin, args.seed)
+        if pair is not None:
+            pairs.append(pair)
+    if not pairs:
+        raise SmoeError("no preference pair was formed: every prompt's completions tied", args.output_dir, "sample more completions per prompt (num_samples) or at a higher temperature")
+    counts = {"prompts": len(prompts), "judged": judged, "pairs": len(pairs), "ties_dropped": judged - len(pairs)}
+    write_jsonl(pairs, f"{args.output_dir}/{DATA_FILE}")
+    write_manifest(args.output_dir, "teacher-prefs", started, counts=counts)
+    return counts
