@@ -8,6 +8,7 @@ turns the errors raised by the dataclasses' own checks into `SmoeError`s that na
 
 import dataclasses
 import difflib
+import re
 from pathlib import Path
 
 import yaml
@@ -15,12 +16,27 @@ import yaml
 from alignment.errors import SmoeError
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads `1e-4` as a string; recipes mean a float, as in Python."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?(?:[eE][-+]?[0-9]+)$"),
+    list("-+0123456789"),
+)
+
+
+def load_yaml(text: str):
+    return yaml.load(text, Loader=_Loader)
+
+
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise SmoeError("recipe file not found", str(path), "pass an existing YAML file to --config")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = load_yaml(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise SmoeError(f"not valid YAML ({err})", str(path), "fix the YAML syntax at the line shown") from None
     if not isinstance(data, dict):
@@ -37,7 +53,7 @@ def parse_overrides(args: list[str]) -> dict:
             raise SmoeError(f"cannot read override {key!r}", "command line", "write overrides as --key value")
         raw = args[i + 1]
         # YAML 1.1 reads yes/no/on/off as booleans; on a command line they are words (save_strategy no)
-        overrides[key[2:].replace("-", "_")] = raw if raw.lower() in ("yes", "no", "on", "off") else yaml.safe_load(raw)
+        overrides[key[2:].replace("-", "_")] = raw if raw.lower() in ("yes", "no", "on", "off") else load_yaml(raw)
         i += 2
     return overrides
 

@@ -1,20 +1,21 @@
 """Synthetic skills with checkable answers: the embedded default teacher and judge.
 
-Four skills: `add` (two numbers below 1000), `reverse` (a word), `sort` (the digits of a number) and
-`shift` (each letter one step on in the alphabet, z wraps to a). Every prompt is one user turn; every
-answer is one line, `Answer: X`
+Four skills on short words and digit strings: `reverse` a word, `sort` the digits of a number,
+`shift` every letter one step on in the alphabet (z wraps to a), `upper`-case a word. Every prompt is one short user turn (`reverse kqzbm`); every answer is one
+line, `Answer: X`. Terse prompts are deliberate: a 2M-parameter model learns the skills from them in
+about a thousand steps, and not from wordy ones.
 
 The skills teacher is honestly imperfect, as a real teacher is: it has a systematic blind spot per skill
 and falls into it with probability `error_rate` whenever the blind spot applies:
-  add      drops the carry out of the ones column (  17 + 5  -> 12 instead of 22)
   sort     swaps the last pair of differing adjacent digits (1359 -> 1395)
   shift    leaves the last letter unshifted (abc -> bcc)
+  upper    leaves the first letter lower-case (abcd -> aBCD)
   reverse  never wrong
 The skills judge checks exactly, so it knows more than the teacher's data: that is where a preference
 stage can gain over distilled SFT (see FINDINGS: with a perfect teacher DPO gained nothing).
 
-Prompts are split into `heldout`, `prefs` and `sft` by a hash of the problem (not its wording), so no
-problem is ever in two splits, whatever the seed or the number of prompts asked for.
+Prompts are split into `heldout`, `prefs` and `sft` by a hash of the problem, so no problem is ever in
+two splits, whatever the seed or the number of prompts asked for.
 """
 
 import hashlib
@@ -24,7 +25,7 @@ import string
 from dataclasses import dataclass
 
 ANSWER_FORMAT = "Answer: {}"
-ANSWER_RE = re.compile(r"^Answer: ([a-z0-9]+)$")
+ANSWER_RE = re.compile(r"^Answer: ([A-Za-z0-9]+)$")
 SPLIT_BUCKETS = {"heldout": range(0, 2), "prefs": range(2, 6), "sft": range(6, 20)}  # of 20
 
 
@@ -44,7 +45,7 @@ class Skill:
 
 def _pattern(phrasing: str) -> re.Pattern:
     escaped = re.escape(phrasing)
-    for name in ("a", "b", "word", "digits"):
+    for name in ("word", "digits"):
         escaped = escaped.replace(re.escape("{" + name + "}"), f"(?P<{name}>[a-z0-9]+)")
     return re.compile(escaped)
 
@@ -56,31 +57,28 @@ def _skill(name, *phrasings):
 SKILLS = {
     s.name: s
     for s in (
-        _skill("add", "What is {a} + {b}?", "Add {a} and {b}."),
-        _skill("reverse", "Reverse the word {word}.", "Write {word} backwards."),
-        _skill("sort", "Sort the digits of {digits} in ascending order.", "Put the digits of {digits} in order."),
-        _skill("shift", "Shift every letter of {word} one step forward.", "Move each letter of {word} on by one."),
+        _skill("reverse", "reverse {word}"),
+        _skill("sort", "sort {digits}"),
+        _skill("shift", "shift {word}"),
+        _skill("upper", "upper {word}"),
     )
 }
 
 
 def true_answer(skill: str, fields: dict) -> str:
-    if skill == "add":
-        return str(int(fields["a"]) + int(fields["b"]))
     if skill == "reverse":
         return fields["word"][::-1]
     if skill == "sort":
         return "".join(sorted(fields["digits"]))
     if skill == "shift":
         return "".join(chr((ord(c) - 97 + 1) % 26 + 97) for c in fields["word"])
+    if skill == "upper":
+        return fields["word"].upper()
     raise KeyError(skill)
 
 
 def blind_spot_answer(skill: str, fields: dict) -> str | None:
     """The teacher's systematic mistake for this problem, or None where its blind spot does not apply."""
-    if skill == "add":
-        a, b = int(fields["a"]), int(fields["b"])
-        return str(a + b - 10) if a % 10 + b % 10 >= 10 else None
     if skill == "sort":
         s = list(true_answer(skill, fields))
         differing = [i for i in range(len(s) - 1) if s[i] != s[i + 1]]
@@ -92,13 +90,13 @@ def blind_spot_answer(skill: str, fields: dict) -> str | None:
     if skill == "shift":
         right = true_answer(skill, fields)
         return right[:-1] + fields["word"][-1]
+    if skill == "upper":
+        return fields["word"][0] + fields["word"][1:].upper()
     return None
 
 
 def _random_problem(skill: str, rng: random.Random) -> dict:
-    if skill == "add":
-        return {"a": str(rng.randrange(1000)), "b": str(rng.randrange(1000))}
-    if skill in ("reverse", "shift"):
+    if skill in ("reverse", "shift", "upper"):
         return {"word": "".join(rng.choices(string.ascii_lowercase, k=rng.randint(3, 8)))}
     if skill == "sort":
         return {"digits": "".join(rng.choices(string.digits, k=rng.randint(4, 8)))}
@@ -169,7 +167,7 @@ def extract_answer(response: str) -> str:
     m = ANSWER_RE.match(response)
     if m:
         return m.group(1)
-    words = re.findall(r"[a-z0-9]+", response)
+    words = re.findall(r"[A-Za-z0-9]+", response)
     return words[-1] if words else ""
 
 

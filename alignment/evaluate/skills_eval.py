@@ -28,7 +28,7 @@ class EvalArgs:
     prompts_per_skill: int = 500
     seed: int = 0
     batch_size: int = 256
-    max_new_tokens: int = 24
+    max_new_tokens: int = 20
 
     def __post_init__(self):
         if not self.models or not all(isinstance(m, dict) and {"name", "path"} <= set(m) for m in self.models):

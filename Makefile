@@ -1,0 +1,27 @@
+# Set-up is one venv: the CPU torch wheel where pip finds it locally, the default (CUDA) build elsewhere.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup demo test bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[dev,quant]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	time $(BIN)/smoe-align pipeline --config recipes/tiny/pipeline.yaml
+
+test: setup
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf runs

@@ -1,0 +1,61 @@
+from pathlib import Path
+
+import pytest
+from trl import DPOConfig, ModelConfig, SFTConfig
+
+from alignment.configs import load_recipe, parse_overrides
+from alignment.errors import SmoeError
+from alignment.sft import SFTDataArgs
+from alignment.stages import STAGES, recipe_classes
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_overrides_read_yaml_values_but_keep_words():
+    assert parse_overrides(["--learning_rate", "1e-4", "--max-steps", "3", "--save_strategy", "no", "--loss_type", "[sigmoid, sft]"]) == {
+        "learning_rate": 1e-4,
+        "max_steps": 3,
+        "save_strategy": "no",
+        "loss_type": ["sigmoid", "sft"],
+    }
+    with pytest.raises(SmoeError, match="--key value"):
+        parse_overrides(["--learning_rate"])
+
+
+def test_unknown_keys_are_reported_together_with_suggestions(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("learning_rat: 1.0e-4\nnum_train_epoch: 2\noutput_dir: x\n")
+    with pytest.raises(SmoeError) as err:
+        load_recipe(recipe, {}, (SFTDataArgs, SFTConfig, ModelConfig))
+    message = str(err.value)
+    assert str(recipe) in message
+    assert "'learning_rat' (did you mean 'learning_rate'?)" in message
+    assert "'num_train_epoch' (did you mean 'num_train_epochs'?)" in message
+
+
+def test_invalid_values_name_the_recipe(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("output_dir: x\nlr_scheduler_type: sideways\n")
+    with pytest.raises(SmoeError, match="r.yaml.*sideways"):
+        load_recipe(recipe, {}, (SFTDataArgs, SFTConfig, ModelConfig))
+
+
+def test_missing_and_malformed_recipe_files(tmp_path):
+    with pytest.raises(SmoeError, match="recipe file not found"):
+        load_recipe(tmp_path / "nope.yaml", {}, (SFTDataArgs,))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("a: [1, 2\n")
+    with pytest.raises(SmoeError, match="not valid YAML"):
+        load_recipe(bad, {}, (SFTDataArgs,))
+
+
+@pytest.mark.parametrize("recipe", sorted(str(p.relative_to(ROOT)) for p in (ROOT / "recipes").rglob("*.yaml") if "accelerate" not in p.parts))
+def test_every_shipped_recipe_parses(recipe, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    import yaml
+
+    data = yaml.safe_load((ROOT / recipe).read_text())
+    stage = Path(recipe).stem.replace("_", "-")
+    stage = {"control-teacher-data": "teacher-sft", "control-teacher-sft": "sft", "control-chosen-sft": "sft"}.get(stage, stage)
+    stage = stage if stage in STAGES else ("dpo" if "beta" in data or "dpo" in recipe else "sft")
+    load_recipe(ROOT / recipe, {}, recipe_classes(stage))
