@@ -48,8 +48,8 @@ def plot(stage_logs: dict, results: dict, path: Path):
         values = [r["accuracy"].get(s, 0.0) for s in skills[:-1]] + [r["mean_accuracy"]]
         ax.bar([x + i * width for x in range(len(skills))], values, width, label=name)
     ax.set_xticks([x + 0.4 - width / 2 for x in range(len(skills))], skills)
-    ax.set(title="held-out exact-match accuracy per stage (%)", ylim=(0, 105))
-    ax.legend(fontsize=8)
+    ax.set(title="held-out exact-match accuracy per stage (%)", ylim=(0, 130))
+    ax.legend(fontsize=7, ncol=3, loc="upper center")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -39,6 +39,7 @@ def run(args: TeacherSFTArgs):
     done = store.done_ids()
     todo = [p for p in prompts if p["prompt_id"] not in done]
     sampling = Sampling(n=1, temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed)
+    failed = 0
     with tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc="teacher-sft", unit="prompt") as bar:
         for start in range(0, len(todo), args.shard_size):
             chunk = todo[start : start + args.shard_size]
@@ -52,7 +53,9 @@ def run(args: TeacherSFTArgs):
                     row["category"] = prompt["category"]
                 rows.append(row)  # failed rows are stored too, so a rerun does not retry them forever
             store.write(rows)
+            failed += sum(a.finish_reason == "error" for (a,) in answers)
             bar.update(len(chunk))
+            bar.set_postfix(failed=failed)
     kept, counts = [], {"prompts": len(prompts), "failed": 0, "truncated": 0, "empty": 0}
     for row in store.rows():
         if row["finish_reason"] == "error":
@@ -65,5 +68,5 @@ def run(args: TeacherSFTArgs):
             kept.append({k: v for k, v in row.items() if k != "finish_reason"})
     counts["rows"] = len(kept)
     write_jsonl(kept, f"{args.output_dir}/{DATA_FILE}")
-    write_manifest(args.output_dir, "teacher-sft", started, counts=counts, teacher=teacher.name)
+    write_manifest(args.output_dir, "teacher-sft", started, counts=counts, teacher=teacher.name, usage=getattr(teacher, "usage", None))
     return counts

@@ -5,7 +5,11 @@
 `BACKENDS` table.
 """
 
+import os
 import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -96,7 +100,79 @@ class HFTeacher:
         return out
 
 
-BACKENDS = {"skills": SkillsTeacher, "hf": HFTeacher}
+class OpenAITeacher:
+    """Any OpenAI-compatible endpoint (OpenAI, vLLM, TGI, `transformers serve`, llama.cpp, Ollama).
+
+    The key is read from the environment variable the recipe names (`api_key_env`) and never stored.
+    Requests run `concurrency` at a time; 429, 5xx, timeouts, dropped connections and unreadable
+    answers are retried with exponential backoff and jitter, then recorded as a failed completion.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        base_url: str | None = None,
+        api_key_env: str = "OPENAI_API_KEY",
+        concurrency: int = 8,
+        timeout: float = 60.0,
+        max_retries: int = 4,
+        backoff: float = 1.0,
+        name: str | None = None,
+    ):
+        import openai
+
+        key = os.environ.get(api_key_env)
+        if key is None and base_url is None:
+            raise SmoeError(f"environment variable {api_key_env} is not set", "openai teacher", f"export {api_key_env}=... (the key is never written to disk)")
+        self.client = openai.OpenAI(base_url=base_url, api_key=key or "none", timeout=timeout, max_retries=0)
+        self.model, self.name = model, name or model
+        self.concurrency, self.max_retries, self.backoff = concurrency, max_retries, backoff
+        self.usage = {"requests": 0, "retries": 0, "failures": 0, "prompt_tokens": 0, "completion_tokens": 0}
+        self._lock = threading.Lock()
+
+    def _count(self, **add):
+        with self._lock:
+            for key, value in add.items():
+                self.usage[key] += value
+
+    def _request(self, messages: list[dict], sampling: Sampling, index: int) -> Completion:
+        import openai
+
+        for attempt in range(self.max_retries + 1):
+            try:
+                response = self.client.chat.completions.create(
+                    model=self.model,
+                    messages=messages,
+                    temperature=sampling.temperature,
+                    top_p=sampling.top_p,
+                    max_tokens=sampling.max_new_tokens,
+                    seed=sampling.seed + index,
+                )
+                choice = response.choices[0]
+                if not isinstance(choice.message.content, str):
+                    raise ValueError("no text in the answer")
+                usage = response.usage
+                self._count(requests=1, prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0, completion_tokens=getattr(usage, "completion_tokens", 0) or 0)
+                return Completion(choice.message.content, "length" if choice.finish_reason == "length" else "stop")
+            except openai.APIStatusError as err:
+                self._count(requests=1)
+                if err.status_code != 429 and err.status_code < 500:
+                    break  # a 4xx other than 429 will not change on a retry
+            except (openai.APIError, ValueError, IndexError, AttributeError):  # timeouts, dropped connections, garbage
+                self._count(requests=1)
+            if attempt < self.max_retries:
+                self._count(retries=1)
+                time.sleep(self.backoff * 2**attempt * random.uniform(0.5, 1.5))
+        self._count(failures=1)
+        return Completion(None, "error")
+
+    def complete(self, conversations, sampling: Sampling) -> list[list[Completion]]:
+        with ThreadPoolExecutor(self.concurrency) as pool:
+            futures = [[pool.submit(self._request, m, sampling, i) for i in range(sampling.n)] for m in conversations]
+            return [[f.result() for f in row] for row in futures]
+
+
+BACKENDS = {"skills": SkillsTeacher, "hf": HFTeacher, "openai": OpenAITeacher}
 
 
 def make_teacher(spec: dict, where: str):
