@@ -1,9 +1,11 @@
-"""teacher-sft: a teacher writes the answers to a set of prompts (the dSFT data).
+"""teacher-sft: a teacher writes the conversations for a set of prompts (the dSFT data).
 
 usage: smoe-align teacher-sft --config recipes/tiny/teacher_sft.yaml [--key value ...]
 
-Writes `train.jsonl` in the ultrachat_200k schema (prompt_id, prompt, messages, teacher) into
-output_dir. Resumable: answered prompts are kept in shards and skipped on a rerun.
+Single-turn, or multi-turn UltraChat style: a user-simulator teacher writes each next user turn, up to
+`max_turns` assistant turns. Writes `train.jsonl` in the ultrachat_200k schema (prompt_id, prompt,
+messages, teacher) into output_dir. Failed, truncated and empty answers are counted in the manifest,
+not trained on. Resumable: finished prompts are kept in shards and skipped on a rerun.
 """
 
 import time
@@ -13,28 +15,66 @@ from tqdm.auto import tqdm
 
 from alignment.data import DATA_FILE
 from alignment.manifest import write_manifest
-from teacher_data.prompts import load_prompts
+from teacher_data.judge import render
+from teacher_data.prompts import PromptSource, load_prompts
 from teacher_data.store import ShardStore, write_jsonl
 from teacher_data.teachers import Sampling, make_teacher
 
+USER_SIMULATOR_PROMPT = """Below is a conversation between a curious user and an AI assistant. Write the user's
+next message: a natural follow-up that goes deeper into the topic or asks for something related.
+Reply with the message only.
+
+{conversation}"""
+
 
 @dataclass
-class TeacherSFTArgs:
+class TeacherSFTArgs(PromptSource):
     output_dir: str = "runs/tiny/sft_data"
-    prompts: str = "skills:sft"
-    prompts_per_skill: int = 0
-    seed: int = 0
     teacher: dict = field(default_factory=lambda: {"backend": "skills"})
+    user_simulator: dict | None = None  # a teacher spec; needed when max_turns > 1
+    max_turns: int = 1
     temperature: float = 0.0
     top_p: float = 1.0
     max_new_tokens: int = 512
     shard_size: int = 4096
 
+    def __post_init__(self):
+        if self.max_turns > 1 and not self.user_simulator:
+            raise ValueError("max_turns > 1 needs a user_simulator teacher to write the next user turns")
+
+
+def converse(teacher, simulator, prompts: list[dict], sampling: Sampling, max_turns: int) -> list[dict]:
+    """Each prompt's conversation and why it ended: 'stop' (complete), 'length' or 'error' (first answer)."""
+    states = [{"messages": list(p["messages"]), "finish_reason": "stop"} for p in prompts]
+    live = states
+    for turn in range(max_turns):
+        if turn > 0:
+            asks = simulator.complete([[{"role": "user", "content": USER_SIMULATOR_PROMPT.format(conversation=render(s["messages"]))}] for s in live], sampling)
+            asked = []
+            for s, (ask,) in zip(live, asks):
+                if ask.text and ask.text.strip():  # no next question: the conversation ends here
+                    s["messages"].append({"role": "user", "content": ask.text.strip()})
+                    asked.append(s)
+            live = asked
+        answers = teacher.complete([s["messages"] for s in live], sampling)
+        still = []
+        for s, (answer,) in zip(live, answers):
+            if answer.finish_reason == "stop" and (answer.text or "").strip():
+                s["messages"].append({"role": "assistant", "content": answer.text})
+                still.append(s)
+            elif turn > 0:
+                s["messages"].pop()  # a later turn failed: keep the conversation up to the last answer
+            else:
+                s["finish_reason"] = "empty" if answer.finish_reason == "stop" else answer.finish_reason
+        live = still
+    return states
+
 
 def run(args: TeacherSFTArgs):
     started = time.time()
-    prompts = load_prompts(args.prompts, args.prompts_per_skill, args.seed)
+    prompts, dropped = load_prompts(args)
     teacher = make_teacher(args.teacher, "teacher")
+    simulator = make_teacher(args.user_simulator, "user_simulator") if args.max_turns > 1 else None
     store = ShardStore(args.output_dir)
     done = store.done_ids()
     todo = [p for p in prompts if p["prompt_id"] not in done]
@@ -43,30 +83,26 @@ def run(args: TeacherSFTArgs):
     with tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc="teacher-sft", unit="prompt") as bar:
         for start in range(0, len(todo), args.shard_size):
             chunk = todo[start : start + args.shard_size]
-            answers = teacher.complete([p["messages"] for p in chunk], sampling)
             rows = []
-            for prompt, (answer,) in zip(chunk, answers):
-                row = {"prompt_id": prompt["prompt_id"], "prompt": prompt["messages"][-1]["content"], "teacher": teacher.name, "finish_reason": answer.finish_reason}
-                if answer.text is not None:
-                    row["messages"] = prompt["messages"] + [{"role": "assistant", "content": answer.text}]
+            for prompt, state in zip(chunk, converse(teacher, simulator, chunk, sampling, args.max_turns)):
+                row = {"prompt_id": prompt["prompt_id"], "prompt": prompt["messages"][-1]["content"], "messages": state["messages"], "teacher": teacher.name}
                 if "category" in prompt:
                     row["category"] = prompt["category"]
-                rows.append(row)  # failed rows are stored too, so a rerun does not retry them forever
+                rows.append({**row, "finish_reason": state["finish_reason"]})  # failed rows are kept so a rerun skips them
             store.write(rows)
-            failed += sum(a.finish_reason == "error" for (a,) in answers)
+            failed += sum(r["finish_reason"] != "stop" for r in rows)
             bar.update(len(chunk))
             bar.set_postfix(failed=failed)
     kept, counts = [], {"prompts": len(prompts), "failed": 0, "truncated": 0, "empty": 0}
     for row in store.rows():
-        if row["finish_reason"] == "error":
-            counts["failed"] += 1
-        elif row["finish_reason"] == "length":
-            counts["truncated"] += 1
-        elif not row["messages"][-1]["content"].strip():
-            counts["empty"] += 1
+        reason = row.pop("finish_reason")
+        if reason == "stop":
+            kept.append(row)
         else:
-            kept.append({k: v for k, v in row.items() if k != "finish_reason"})
+            counts[{"error": "failed", "length": "truncated", "empty": "empty"}[reason]] += 1
     counts["rows"] = len(kept)
+    counts["duplicates_dropped"], counts["contaminated_dropped"] = len(dropped["duplicates"]), len(dropped["contaminated"])
     write_jsonl(kept, f"{args.output_dir}/{DATA_FILE}")
-    write_manifest(args.output_dir, "teacher-sft", started, counts=counts, teacher=teacher.name, usage=getattr(teacher, "usage", None))
+    usage = {name: t.usage for name, t in (("teacher", teacher), ("user_simulator", simulator)) if hasattr(t, "usage")}
+    write_manifest(args.output_dir, "teacher-sft", started, counts=counts, dropped_ids=dropped, teacher=teacher.name, usage=usage)
     return counts

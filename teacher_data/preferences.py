@@ -16,8 +16,8 @@ from tqdm.auto import tqdm
 from alignment.data import DATA_FILE
 from alignment.errors import SmoeError
 from alignment.manifest import write_manifest
-from teacher_data import skills
-from teacher_data.prompts import load_prompts
+from teacher_data.judge import make_judge
+from teacher_data.prompts import PromptSource, load_prompts
 from teacher_data.store import ShardStore, write_jsonl
 from teacher_data.teachers import Sampling, make_teacher
 
@@ -42,13 +42,13 @@ BINARIZE = {"best_vs_random_lower": best_vs_random_lower, "best_vs_worst": best_
 
 
 @dataclass
-class TeacherPrefsArgs:
+class TeacherPrefsArgs(PromptSource):
     output_dir: str = "runs/tiny/pref_data"
     prompts: str = "skills:prefs"
-    prompts_per_skill: int = 0
-    seed: int = 0
     # each policy: {name, backend, ...backend arguments, num_samples, temperature, top_p, max_new_tokens}
     policies: list = field(default_factory=list)
+    # {backend: skills} checks exactly; any teacher backend judges with our rubric: mode score (1-10)
+    # or pairwise (every pair of completions, both orders; a completion's score is its wins, ties half)
     judge: dict = field(default_factory=lambda: {"backend": "skills"})
     binarize: str = "best_vs_random_lower"
     min_score_margin: float = 0.0
@@ -59,8 +59,8 @@ class TeacherPrefsArgs:
             raise ValueError(f"binarize={self.binarize!r}; choose one of {sorted(BINARIZE)}")
         if not self.policies:
             raise ValueError("policies is empty; name at least one policy that answers the prompts")
-        if self.judge.get("backend") != "skills":
-            raise ValueError("judge: only the exact `skills` judge exists so far (judge: {backend: skills})")
+        if self.judge.get("mode", "score") not in ("score", "pairwise") or (self.judge.get("backend") == "skills" and self.judge.get("mode", "score") != "score"):
+            raise ValueError("judge.mode is score or pairwise (the skills judge only scores)")
 
 
 def _sampling(policy: dict, seed: int) -> Sampling:
@@ -73,11 +73,32 @@ def _sampling(policy: dict, seed: int) -> Sampling:
     )
 
 
-def _judged_row(prompt: dict, completions: list[dict]) -> dict:
-    for c in completions:
-        verdict = skills.judge(prompt["messages"], c["messages"][-1]["content"] if c["messages"] else "")
-        c["score"], c["judgment"] = verdict.score, verdict.judgment
-    return {"prompt_id": prompt["prompt_id"], "prompt": prompt["messages"][-1]["content"], "messages": prompt["messages"], "category": prompt.get("category"), "completions": completions}
+def judge_chunk(judge, mode: str, prompts: list[dict], completions: list[list[dict]]) -> int:
+    """Fill in score and judgment of every completion; returns how many verdicts could not be parsed."""
+    answered = [(p, c) for p, slot in zip(prompts, completions) for c in slot if c["messages"]]
+    for _, c in ((p, c) for p, slot in zip(prompts, completions) for c in slot if not c["messages"]):
+        c["score"], c["judgment"] = None, "no answer (the policy failed)"
+    if mode == "score":
+        verdicts = judge.score([(p["messages"], c["messages"][-1]["content"]) for p, c in answered])
+        for (_, c), v in zip(answered, verdicts):
+            c["score"], c["judgment"] = v.score, v.judgment
+        return sum(v.score is None for v in verdicts)
+    pairs = []
+    for p, slot in zip(prompts, completions):
+        live = [c for c in slot if c["messages"]]
+        for c in live:
+            c["score"], c["judgment"] = 0.0, ""
+        pairs += [(p, a, b) for i, a in enumerate(live) for b in live[i + 1 :]]
+    results = judge.compare([(p["messages"], a["messages"][-1]["content"], b["messages"][-1]["content"]) for p, a, b in pairs])
+    unparsed = 0
+    for (_, a, b), (verdict, text) in zip(pairs, results):
+        if verdict is None:
+            unparsed += 1
+            continue
+        a["score"] += {"A": 1.0, "B": 0.0, "C": 0.5}[verdict]
+        b["score"] += {"A": 0.0, "B": 1.0, "C": 0.5}[verdict]
+        a["judgment"] += f"[vs {b['policy']}: {verdict}] "
+    return unparsed
 
 
 def binarize_row(row: dict, strategy: str, min_margin: float, seed: int) -> dict | None:
@@ -102,12 +123,14 @@ def binarize_row(row: dict, strategy: str, min_margin: float, seed: int) -> dict
 
 def run(args: TeacherPrefsArgs):
     started = time.time()
-    prompts = load_prompts(args.prompts, args.prompts_per_skill, args.seed)
+    prompts, dropped = load_prompts(args)
     store = ShardStore(args.output_dir)
     done = store.done_ids()
     todo = [p for p in prompts if p["prompt_id"] not in done]
+    unparsed = 0
     if todo:
         policies = []
+        judge, mode = make_judge(args.judge, "judge"), args.judge.get("mode", "score")
         for i, spec in enumerate(args.policies):
             spec = dict(spec)
             name, sampling = spec.pop("name", f"policy{i}"), _sampling(spec, args.seed + i)
@@ -123,8 +146,10 @@ def run(args: TeacherPrefsArgs):
                         for s in samples:
                             messages = [{"role": "assistant", "content": s.text}] if s.text is not None else []
                             slot.append({"policy": name, "messages": messages, "finish_reason": s.finish_reason})
-                store.write([_judged_row(p, c) for p, c in zip(chunk, completions)])
+                unparsed += judge_chunk(judge, mode, chunk, completions)
+                store.write([{"prompt_id": p["prompt_id"], "prompt": p["messages"][-1]["content"], "messages": p["messages"], "category": p.get("category"), "completions": c} for p, c in zip(chunk, completions)])
                 bar.update(len(chunk))
+                bar.set_postfix(unparsed_verdicts=unparsed)
     pairs, judged = [], 0
     for row in store.rows():
         judged += 1
@@ -133,7 +158,8 @@ def run(args: TeacherPrefsArgs):
             pairs.append(pair)
     if not pairs:
         raise SmoeError("no preference pair was formed: every prompt's completions tied", args.output_dir, "sample more completions per prompt (num_samples) or at a higher temperature")
-    counts = {"prompts": len(prompts), "judged": judged, "pairs": len(pairs), "ties_dropped": judged - len(pairs)}
+    counts = {"prompts": len(prompts), "judged": judged, "pairs": len(pairs), "ties_dropped": judged - len(pairs), "unparsed_verdicts_this_run": unparsed}
+    counts["duplicates_dropped"], counts["contaminated_dropped"] = len(dropped["duplicates"]), len(dropped["contaminated"])
     write_jsonl(pairs, f"{args.output_dir}/{DATA_FILE}")
-    write_manifest(args.output_dir, "teacher-prefs", started, counts=counts)
+    write_manifest(args.output_dir, "teacher-prefs", started, counts=counts, dropped_ids=dropped)
     return counts

@@ -50,7 +50,7 @@ def test_teacher_sft_completes_and_counts_failures(server, tmp_path, monkeypatch
     out = tmp_path / "out"
     assert main(["teacher-sft", "--config", "recipes/tiny/teacher_sft.yaml", "--prompts", str(prompts), "--output_dir", str(out), "--teacher", json.dumps(spec)]) == 0
     manifest = read_manifest(out)
-    assert manifest["counts"] == {"prompts": 4, "failed": 1, "truncated": 0, "empty": 0, "rows": 3}
-    assert manifest["usage"]["failures"] == 1 and manifest["usage"]["retries"] >= 4
+    assert manifest["counts"] == {"prompts": 4, "failed": 1, "truncated": 0, "empty": 0, "rows": 3, "duplicates_dropped": 0, "contaminated_dropped": 0}
+    assert manifest["usage"]["teacher"]["failures"] == 1 and manifest["usage"]["teacher"]["retries"] >= 4
     written = "".join(p.read_text() for p in out.rglob("*") if p.is_file())
     assert "sk-secret-value" not in written

@@ -15,7 +15,7 @@ from pathlib import Path
 from alignment.errors import SmoeError
 from alignment.manifest import write_manifest
 from teacher_data import skills
-from teacher_data.prompts import load_prompts
+from teacher_data.prompts import PromptSource, load_prompts
 from teacher_data.store import write_jsonl
 from teacher_data.teachers import HFTeacher, Sampling
 
@@ -63,7 +63,7 @@ def run(args: EvalArgs):
     out = Path(args.output_dir)
     (out / "results").mkdir(parents=True, exist_ok=True)
     (out / "judgments").mkdir(parents=True, exist_ok=True)
-    prompts = load_prompts(args.prompts, args.prompts_per_skill, args.seed)
+    prompts, _ = load_prompts(PromptSource(prompts=args.prompts, prompts_per_skill=args.prompts_per_skill, seed=args.seed))
     results = {}
     for entry in args.models:
         name, path = entry["name"], entry["path"]
