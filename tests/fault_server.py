@@ -2,7 +2,8 @@
 
 The last user message decides the behaviour: `ok ...` answers at once; `flaky-429 ...` and
 `flaky-500 ...` fail twice and then answer; `garbage ...` answers 200 with a body that is not JSON;
-`hang ...` sleeps past any sane timeout; `refuse ...` answers 400 (not retried). Anything else echoes.
+`hang ...` sleeps past any sane timeout; `refuse ...` answers 400 (not retried); `slow ...` echoes
+after `slow_seconds`. Anything else echoes at once.
 """
 
 import json
@@ -13,9 +14,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 class FaultServer:
-    def __init__(self, hang_seconds: float = 5.0):
+    def __init__(self, hang_seconds: float = 5.0, slow_seconds: float = 0.05):
         self.attempts = Counter()
-        self.hang_seconds = hang_seconds
+        self.hang_seconds, self.slow_seconds = hang_seconds, slow_seconds
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -42,6 +43,8 @@ class FaultServer:
                 if kind == "hang":
                     time.sleep(server.hang_seconds)
                     return self._send(200, b"{}")
+                if kind == "slow":
+                    time.sleep(server.slow_seconds)
                 if kind == "refuse":
                     return self._send(400, b'{"error": {"message": "bad request"}}')
                 answer = {
