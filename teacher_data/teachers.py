@@ -2,7 +2,8 @@
 
 `conversations` is a list of message lists; the answer is, for each conversation, a list of
 `sampling.n` completions. Backends are built from a recipe mapping `{backend: NAME, ...}` through the
-`BACKENDS` table.
+`BACKENDS` table: `skills` (synthetic, exact), `hf` (a local transformers model), `openai` (any
+OpenAI-compatible endpoint), `vllm` (the optional offline engine).
 """
 
 import os
@@ -172,7 +173,26 @@ class OpenAITeacher:
             return [[f.result() for f in row] for row in futures]
 
 
-BACKENDS = {"skills": SkillsTeacher, "hf": HFTeacher, "openai": OpenAITeacher}
+class VLLMTeacher:
+    """vLLM's offline engine (optional extra `vllm`, CUDA machines): continuous batching, paged KV cache."""
+
+    def __init__(self, model: str, dtype: str = "auto", tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.9, max_model_len: int | None = None, name: str | None = None):
+        try:
+            from vllm import LLM
+        except ImportError:
+            raise SmoeError("vllm is not installed", "vllm teacher", "pip install vllm on a CUDA machine, or use backend: hf") from None
+        self.name = name or model
+        self.llm = LLM(model=model, dtype=dtype, tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len)
+
+    def complete(self, conversations, sampling: Sampling) -> list[list[Completion]]:
+        from vllm import SamplingParams
+
+        params = SamplingParams(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=sampling.max_new_tokens, seed=sampling.seed)
+        outputs = self.llm.chat(conversations, params, use_tqdm=True)
+        return [[Completion(o.text, "length" if o.finish_reason == "length" else "stop") for o in out.outputs] for out in outputs]
+
+
+BACKENDS = {"skills": SkillsTeacher, "hf": HFTeacher, "openai": OpenAITeacher, "vllm": VLLMTeacher}
 
 
 def make_teacher(spec: dict, where: str):

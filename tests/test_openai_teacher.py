@@ -54,3 +54,17 @@ def test_teacher_sft_completes_and_counts_failures(server, tmp_path, monkeypatch
     assert manifest["usage"]["teacher"]["failures"] == 1 and manifest["usage"]["teacher"]["retries"] >= 4
     written = "".join(p.read_text() for p in out.rglob("*") if p.is_file())
     assert "sk-secret-value" not in written
+
+
+def test_vllm_backend(micro_model):
+    from importlib.util import find_spec
+
+    from alignment.errors import SmoeError
+    from teacher_data.teachers import make_teacher
+
+    if find_spec("vllm") is None:
+        with pytest.raises(SmoeError, match="vllm is not installed"):
+            make_teacher({"backend": "vllm", "model": micro_model}, "teacher")
+        pytest.skip("vllm is not installed: only its clear error was checked")
+    out = make_teacher({"backend": "vllm", "model": micro_model}, "teacher").complete([[{"role": "user", "content": "sort 321"}]], Sampling(n=2, max_new_tokens=4))
+    assert len(out[0]) == 2 and all(isinstance(c.text, str) for c in out[0])

@@ -1,0 +1,123 @@
+"""Teacher throughput, as ratios measured in one run on this machine.
+
+1. `hf` backend, batched (batch 16, left padding, length-sorted, KV cache) against stock transformers
+   `generate` called one prompt at a time: generated tokens per second.
+2. `openai` backend with 8 concurrent requests against 1, both against `transformers serve` hosting
+   the same model on loopback.
+
+usage: python bench/teacher_throughput.py [--model DIR] [--prompts 64] [--rounds 3]
+The model defaults to the tiny JetMoE built by `init-model` (random weights: every answer runs to
+max_new_tokens, so both sides generate the same number of tokens).
+"""
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from alignment.models.jetmoe import load_causal_lm, load_tokenizer
+from alignment.models.tiny import TinyModelArgs, init_model
+from teacher_data import skills
+from teacher_data.teachers import HFTeacher, OpenAITeacher, Sampling
+
+MAX_NEW_TOKENS = 32
+
+
+def conversations(n: int) -> list[list[dict]]:
+    return [p["messages"] for p in skills.make_prompts("heldout", n // 4 + 1, seed=1)][:n]
+
+
+def one_at_a_time(model_dir: str, convs) -> int:
+    """The stock loop: one `generate` call per prompt."""
+    model, tok = load_causal_lm(model_dir).eval(), load_tokenizer(model_dir)
+    tokens = 0
+    with torch.no_grad():
+        for messages in convs:
+            ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+            out = model.generate(**ids, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, pad_token_id=tok.pad_token_id)
+            tokens += out.shape[1] - ids["input_ids"].shape[1]
+    return tokens
+
+
+def batched(teacher: HFTeacher, convs) -> int:
+    answers = teacher.complete(convs, Sampling(max_new_tokens=MAX_NEW_TOKENS))
+    return sum(len(teacher.tokenizer(a.text, add_special_tokens=False)["input_ids"]) + (a.finish_reason == "stop") for (a,) in answers)
+
+
+def timed(fn, *args) -> float:
+    start = time.perf_counter()
+    tokens = fn(*args)
+    return tokens / (time.perf_counter() - start)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve(model_dir: str):
+    port = free_port()
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "transformers"), "serve", model_dir, "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    url = f"http://127.0.0.1:{port}/v1"
+    probe = OpenAITeacher(model_dir, base_url=url, max_retries=0, timeout=5)
+    for _ in range(120):
+        if probe.complete([[{"role": "user", "content": "hi"}]], Sampling(max_new_tokens=2))[0][0].text is not None:
+            return server, url
+        time.sleep(0.5)
+    server.kill()
+    raise RuntimeError("transformers serve did not start")
+
+
+def openai_tokens(teacher: OpenAITeacher, convs) -> int:
+    before = teacher.usage["completion_tokens"]
+    teacher.complete(convs, Sampling(max_new_tokens=MAX_NEW_TOKENS))
+    return teacher.usage["completion_tokens"] - before
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--prompts", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    model_dir = args.model or str(init_model(TinyModelArgs(output_dir=tempfile.mkdtemp() + "/tiny")))
+    convs = conversations(args.prompts)
+    teacher = HFTeacher(model_dir, batch_size=16)
+    stock, ours = [], []
+    for _ in range(args.rounds):  # interleaved, so drift in machine load hits both sides
+        stock.append(timed(one_at_a_time, model_dir, convs))
+        ours.append(timed(batched, teacher, convs))
+    print(f"hf backend, {len(convs)} prompts, {MAX_NEW_TOKENS} new tokens, {torch.get_num_threads()} threads")
+    print(f"  stock generate, one prompt at a time: {max(stock):8.1f} tokens/s (best of {args.rounds})")
+    print(f"  hf backend, batch 16:                 {max(ours):8.1f} tokens/s")
+    print(f"  ratio batched / one at a time:        {max(ours) / max(stock):8.2f}x")
+
+    server, url = serve(model_dir)
+    try:
+        sequential = OpenAITeacher(model_dir, base_url=url, concurrency=1, timeout=120)
+        concurrent = OpenAITeacher(model_dir, base_url=url, concurrency=8, timeout=120)
+        one, eight = [], []
+        for _ in range(args.rounds):
+            one.append(timed(openai_tokens, sequential, convs))
+            eight.append(timed(openai_tokens, concurrent, convs))
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    print("openai backend against transformers serve (same model, loopback)")
+    print(f"  concurrency 1: {max(one):8.1f} tokens/s")
+    print(f"  concurrency 8: {max(eight):8.1f} tokens/s")
+    print(f"  ratio 8 / 1:   {max(eight) / max(one):8.2f}x")
+
+
+if __name__ == "__main__":
+    main()
