@@ -121,45 +121,61 @@ def binarize_row(row: dict, strategy: str, min_margin: float, seed: int) -> dict
     }
 
 
+def build_policies(specs: list[dict], seed: int) -> list[tuple]:
+    """(name, backend, sampling) for each policy of the recipe."""
+    policies = []
+    for i, spec in enumerate(specs):
+        spec = dict(spec)
+        name, sampling = spec.pop("name", f"policy{i}"), _sampling(spec, seed + i)
+        for key in ("num_samples", "temperature", "top_p", "max_new_tokens"):
+            spec.pop(key, None)
+        policies.append((name, make_teacher(spec, f"policies[{i}]"), sampling))
+    return policies
+
+
+def sample(policies: list[tuple], chunk: list[dict]) -> list[list[dict]]:
+    """Every policy's samples for every prompt of the chunk; a failed sample has no messages."""
+    completions = [[] for _ in chunk]
+    for name, policy, sampling in policies:
+        for slot, samples in zip(completions, policy.complete([p["messages"] for p in chunk], sampling)):
+            for s in samples:
+                messages = [{"role": "assistant", "content": s.text}] if s.text is not None else []
+                slot.append({"policy": name, "messages": messages, "finish_reason": s.finish_reason})
+    return completions
+
+
 def run(args: TeacherPrefsArgs):
     started = time.time()
     prompts, dropped = load_prompts(args)
     store = ShardStore(args.output_dir)
     done = store.done_ids()
     todo = [p for p in prompts if p["prompt_id"] not in done]
-    unparsed = 0
+    unparsed, usage = 0, {}
     if todo:
-        policies = []
+        policies = build_policies(args.policies, args.seed)
         judge, mode = make_judge(args.judge, "judge"), args.judge.get("mode", "score")
-        for i, spec in enumerate(args.policies):
-            spec = dict(spec)
-            name, sampling = spec.pop("name", f"policy{i}"), _sampling(spec, args.seed + i)
-            for key in ("num_samples", "temperature", "top_p", "max_new_tokens"):
-                spec.pop(key, None)
-            policies.append((name, make_teacher(spec, f"policies[{i}]"), sampling))
         with tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc="teacher-prefs", unit="prompt") as bar:
             for start in range(0, len(todo), args.shard_size):
                 chunk = todo[start : start + args.shard_size]
-                completions = [[] for _ in chunk]
-                for name, policy, sampling in policies:
-                    for slot, samples in zip(completions, policy.complete([p["messages"] for p in chunk], sampling)):
-                        for s in samples:
-                            messages = [{"role": "assistant", "content": s.text}] if s.text is not None else []
-                            slot.append({"policy": name, "messages": messages, "finish_reason": s.finish_reason})
+                completions = sample(policies, chunk)
                 unparsed += judge_chunk(judge, mode, chunk, completions)
                 store.write([{"prompt_id": p["prompt_id"], "prompt": p["messages"][-1]["content"], "messages": p["messages"], "category": p.get("category"), "completions": c} for p, c in zip(chunk, completions)])
                 bar.update(len(chunk))
                 bar.set_postfix(unparsed_verdicts=unparsed)
-    pairs, judged = [], 0
+        usage = {name: t.usage for name, t, _ in policies if hasattr(t, "usage")}
+        if hasattr(getattr(judge, "teacher", None), "usage"):
+            usage["judge"] = judge.teacher.usage
+    pairs, judged, failed_samples = [], 0, 0
     for row in store.rows():
         judged += 1
+        failed_samples += sum(not c["messages"] for c in row["completions"])
         pair = binarize_row(row, args.binarize, args.min_score_margin, args.seed)
         if pair is not None:
             pairs.append(pair)
     if not pairs:
         raise SmoeError("no preference pair was formed: every prompt's completions tied", args.output_dir, "sample more completions per prompt (num_samples) or at a higher temperature")
-    counts = {"prompts": len(prompts), "judged": judged, "pairs": len(pairs), "ties_dropped": judged - len(pairs), "unparsed_verdicts_this_run": unparsed}
+    counts = {"prompts": len(prompts), "judged": judged, "pairs": len(pairs), "ties_dropped": judged - len(pairs), "failed_samples": failed_samples, "unparsed_verdicts_this_run": unparsed}
     counts["duplicates_dropped"], counts["contaminated_dropped"] = len(dropped["duplicates"]), len(dropped["contaminated"])
     write_jsonl(pairs, f"{args.output_dir}/{DATA_FILE}")
-    write_manifest(args.output_dir, "teacher-prefs", started, counts=counts, dropped_ids=dropped)
+    write_manifest(args.output_dir, "teacher-prefs", started, counts=counts, dropped_ids=dropped, usage=usage)
     return counts
