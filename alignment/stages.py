@@ -4,11 +4,10 @@ Runners are imported on first use, so `smoe-align teacher-sft` does not pay for 
 """
 
 import importlib
-import time
 from pathlib import Path
 
 from alignment.configs import load_recipe, write_resolved
-from alignment.manifest import is_complete, write_manifest
+from alignment.manifest import is_complete
 
 # stage -> (module, name of its tuple of recipe classes or of its one class, runner)
 STAGES = {

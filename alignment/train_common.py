@@ -1,6 +1,5 @@
 """What the sft and dpo stages share: model set-up, resuming, and the manifest after training."""
 
-import time
 
 from transformers.trainer_utils import get_last_checkpoint
 from trl import ModelConfig, get_peft_config

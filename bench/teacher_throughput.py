@@ -11,19 +11,15 @@ max_new_tokens, so both sides generate the same number of tokens).
 """
 
 import argparse
-import os
-import socket
-import subprocess
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
 from alignment.models.jetmoe import load_causal_lm, load_tokenizer
 from alignment.models.tiny import TinyModelArgs, init_model
 from teacher_data import skills
+from teacher_data.serve import start_transformers_serve
 from teacher_data.teachers import HFTeacher, OpenAITeacher, Sampling
 
 MAX_NEW_TOKENS = 32
@@ -56,28 +52,6 @@ def timed(fn, *args) -> float:
     return tokens / (time.perf_counter() - start)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def serve(model_dir: str):
-    port = free_port()
-    server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "transformers"), "serve", model_dir, "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
-    url = f"http://127.0.0.1:{port}/v1"
-    probe = OpenAITeacher(model_dir, base_url=url, max_retries=0, timeout=5)
-    for _ in range(120):
-        if probe.complete([[{"role": "user", "content": "hi"}]], Sampling(max_new_tokens=2))[0][0].text is not None:
-            return server, url
-        time.sleep(0.5)
-    server.kill()
-    raise RuntimeError("transformers serve did not start")
-
-
 def openai_tokens(teacher: OpenAITeacher, convs) -> int:
     before = teacher.usage["completion_tokens"]
     teacher.complete(convs, Sampling(max_new_tokens=MAX_NEW_TOKENS))
@@ -102,7 +76,7 @@ def main():
     print(f"  hf backend, batch 16:                 {max(ours):8.1f} tokens/s")
     print(f"  ratio batched / one at a time:        {max(ours) / max(stock):8.2f}x")
 
-    server, url = serve(model_dir)
+    server, url = start_transformers_serve(model_dir)
     try:
         sequential = OpenAITeacher(model_dir, base_url=url, concurrency=1, timeout=120)
         concurrent = OpenAITeacher(model_dir, base_url=url, concurrency=8, timeout=120)

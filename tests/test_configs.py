@@ -1,7 +1,7 @@
 from pathlib import Path
 
 import pytest
-from trl import DPOConfig, ModelConfig, SFTConfig
+from trl import ModelConfig, SFTConfig
 
 from alignment.configs import load_recipe, parse_overrides
 from alignment.errors import SmoeError

@@ -2,9 +2,7 @@
 and `transformers serve` on loopback as a real OpenAI-compatible teacher."""
 
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,7 +14,8 @@ from alignment.cli import main
 from alignment.manifest import is_complete, read_manifest
 from teacher_data.judge import TeacherJudge, parse_rating, parse_verdict
 from teacher_data.prompts import PromptSource, load_prompts
-from teacher_data.teachers import Completion, OpenAITeacher, Sampling
+from teacher_data.serve import start_transformers_serve
+from teacher_data.teachers import Completion, OpenAITeacher
 from tests.fault_server import FaultServer
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -121,29 +120,10 @@ def test_killed_run_resumes_to_the_same_dataset(fault_server, tmp_path):
     assert sorted(map(json.dumps, resumed)) == sorted(map(json.dumps, whole))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def served(micro_model):
     """`transformers serve` hosting the micro model on a loopback port."""
-    port = free_port()
-    server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "transformers"), "serve", micro_model, "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
-    url = f"http://127.0.0.1:{port}/v1"
-    client = OpenAITeacher(micro_model, base_url=url, max_retries=0, timeout=5)
-    for _ in range(120):
-        if client.complete([[{"role": "user", "content": "hi"}]], Sampling(max_new_tokens=2))[0][0].text is not None:
-            break
-        time.sleep(0.5)
-    else:
-        server.kill()
-        pytest.fail("transformers serve did not come up")
+    server, url = start_transformers_serve(micro_model)
     yield url, micro_model
     server.terminate()
     server.wait(timeout=30)
