@@ -21,7 +21,7 @@ demo: setup
 	time $(BIN)/smoe-align pipeline --config recipes/tiny/pipeline.yaml
 
 test: setup
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -q
 
 clean:
 	rm -rf runs
