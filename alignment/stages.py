@@ -16,7 +16,7 @@ STAGES = {
     "sft": ("alignment.sft", "RECIPE_CLASSES", "run"),
     "teacher-prefs": ("teacher_data.preferences", "TeacherPrefsArgs", "run"),
     "dpo": ("alignment.dpo", "RECIPE_CLASSES", "run"),
-    "eval": ("alignment.evaluate.skills_eval", "EvalArgs", "run"),
+    "eval": ("alignment.evaluate.stage", "EvalArgs", "run"),
     "pipeline": ("alignment.pipeline", "PipelineArgs", "run"),
 }
 

@@ -1,6 +1,4 @@
-"""eval: held-out exact-match accuracy per skill and mean judge score, for each model.
-
-usage: smoe-align eval --config recipes/tiny/eval.yaml [--key value ...]
+"""The skills benchmark: held-out exact-match accuracy per skill and mean judge score, per model.
 
 Greedy answers to held-out skills prompts (never seen in any training split), checked exactly against
 the true answers by the skills judge. Each model's raw judgments go to `judgments/<name>.jsonl` and its
@@ -9,7 +7,6 @@ figures to `results/<name>.json`; a model already scored is skipped on a rerun.
 
 import json
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from alignment.errors import SmoeError
@@ -20,22 +17,7 @@ from teacher_data.store import write_jsonl
 from teacher_data.teachers import HFTeacher, Sampling
 
 
-@dataclass
-class EvalArgs:
-    output_dir: str = "runs/tiny/eval"
-    models: list = field(default_factory=list)  # [{name, path}]: model dirs, adapter dirs or hub ids
-    prompts: str = "skills:heldout"
-    prompts_per_skill: int = 500
-    seed: int = 0
-    batch_size: int = 256
-    max_new_tokens: int = 20
-
-    def __post_init__(self):
-        if not self.models or not all(isinstance(m, dict) and {"name", "path"} <= set(m) for m in self.models):
-            raise ValueError("models must be a list of {name, path} entries")
-
-
-def score_model(name: str, path: str, prompts: list[dict], args: EvalArgs) -> dict:
+def score_model(name: str, path: str, prompts: list[dict], args) -> dict:
     teacher = HFTeacher(path, batch_size=args.batch_size)
     sampling = Sampling(n=1, temperature=0.0, max_new_tokens=args.max_new_tokens, seed=args.seed)
     answers = teacher.complete([p["messages"] for p in prompts], sampling)
@@ -58,7 +40,7 @@ def score_model(name: str, path: str, prompts: list[dict], args: EvalArgs) -> di
     return result, rows
 
 
-def run(args: EvalArgs):
+def run(args):
     started = time.time()
     out = Path(args.output_dir)
     (out / "results").mkdir(parents=True, exist_ok=True)

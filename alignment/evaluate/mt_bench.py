@@ -1,0 +1,323 @@
+"""Chat benchmarks in the MT-Bench format: two-turn answers, single-answer grading, pairwise win rate.
+
+Files are FastChat's: `question.jsonl` ({question_id, category, turns}), answer files ({question_id,
+answer_id, model_id, choices: [{index, turns}], tstamp}) for model answers and reference answers, and
+`judge_prompts.jsonl` ({name, type, system_prompt, prompt_template, output_format, ...}). Our own judge
+prompts (same names and placeholders, our wording) are used when no judge-prompt file is given.
+
+Turn 2 sees the model's own turn-1 answer. Sampling temperature is set per category as MT-Bench does.
+Grading is reference-guided for math, reasoning and coding when a reference answer exists. Pairwise
+verdicts are judged in both orders and a disagreement is a tie. Verdicts that cannot be parsed are
+counted and excluded, never guessed. Judgments are cached by (judge, prompt), so a rerun pays nothing
+twice.
+"""
+
+import hashlib
+import json
+import random
+import re
+import time
+from pathlib import Path
+
+from alignment.data import read_rows
+from alignment.errors import SmoeError
+from teacher_data import skills
+from teacher_data.teachers import Sampling, make_teacher
+
+MT_BENCH_CATEGORIES = ("writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities")
+CATEGORY_TEMPERATURE = {"writing": 0.7, "roleplay": 0.7, "extraction": 0.0, "math": 0.0, "coding": 0.0, "reasoning": 0.0, "stem": 0.1, "humanities": 0.1}
+NEEDS_REFERENCE = {"math", "reasoning", "coding"}
+
+PLACEHOLDERS = {
+    "single-v1": {"question", "answer"},
+    "single-math-v1": {"question", "answer", "ref_answer_1"},
+    "single-v1-multi-turn": {"question_1", "answer_1", "question_2", "answer_2"},
+    "single-math-v1-multi-turn": {"question_1", "answer_1", "question_2", "answer_2", "ref_answer_1", "ref_answer_2"},
+    "pair-v2": {"question", "answer_a", "answer_b"},
+    "pair-math-v1": {"question", "answer_a", "answer_b", "ref_answer_1"},
+    "pair-v2-multi-turn": {"question_1", "question_2", "answer_a_1", "answer_a_2", "answer_b_1", "answer_b_2"},
+    "pair-math-v1-multi-turn": {"question_1", "question_2", "answer_a_1", "answer_a_2", "answer_b_1", "answer_b_2", "ref_answer_1", "ref_answer_2"},
+}
+
+_SINGLE_SYSTEM = "You grade the replies of AI assistants fairly and strictly. Rate helpfulness, relevance, accuracy, depth and clarity; be brief in your reasoning, then give the rating from 1 to 10 exactly as [[N]], e.g. Rating: [[6]]."
+_PAIR_SYSTEM = "You compare the replies of two AI assistants fairly. Ignore the order in which they are shown, their length and the assistants' names; judge which follows the user's instructions and answers better. Be brief, then end with exactly one verdict: [[A]] if A is better, [[B]] if B is better, [[C]] for a tie."
+_REF = "\n\n[Reference answer]\n{ref_answer_1}"
+DEFAULT_PROMPTS = {
+    "single-v1": (_SINGLE_SYSTEM, "[Question]\n{question}\n\n[Assistant's answer]\n{answer}"),
+    "single-math-v1": (_SINGLE_SYSTEM + " Compare with the reference answer; a wrong result is a low rating.", "[Question]\n{question}" + _REF + "\n\n[Assistant's answer]\n{answer}"),
+    "single-v1-multi-turn": (_SINGLE_SYSTEM + " Grade only the second answer.", "[User]\n{question_1}\n\n[Assistant]\n{answer_1}\n\n[User]\n{question_2}\n\n[Assistant, to be graded]\n{answer_2}"),
+    "single-math-v1-multi-turn": (
+        _SINGLE_SYSTEM + " Grade only the second answer, against the reference answers.",
+        "[Reference answers]\n1: {ref_answer_1}\n2: {ref_answer_2}\n\n[User]\n{question_1}\n\n[Assistant]\n{answer_1}\n\n[User]\n{question_2}\n\n[Assistant, to be graded]\n{answer_2}",
+    ),
+    "pair-v2": (_PAIR_SYSTEM, "[Question]\n{question}\n\n[Assistant A]\n{answer_a}\n\n[Assistant B]\n{answer_b}"),
+    "pair-math-v1": (_PAIR_SYSTEM + " Check both against the reference answer.", "[Question]\n{question}" + _REF + "\n\n[Assistant A]\n{answer_a}\n\n[Assistant B]\n{answer_b}"),
+    "pair-v2-multi-turn": (
+        _PAIR_SYSTEM + " Judge the second answers.",
+        "[Assistant A's conversation]\nUser: {question_1}\nA: {answer_a_1}\nUser: {question_2}\nA: {answer_a_2}\n\n[Assistant B's conversation]\nUser: {question_1}\nB: {answer_b_1}\nUser: {question_2}\nB: {answer_b_2}",
+    ),
+    "pair-math-v1-multi-turn": (
+        _PAIR_SYSTEM + " Judge the second answers against the reference answers.",
+        "[Reference answers]\n1: {ref_answer_1}\n2: {ref_answer_2}\n\n[Assistant A's conversation]\nUser: {question_1}\nA: {answer_a_1}\nUser: {question_2}\nA: {answer_a_2}\n\n[Assistant B's conversation]\nUser: {question_1}\nB: {answer_b_1}\nUser: {question_2}\nB: {answer_b_2}",
+    ),
+}
+
+RATING = (re.compile(r"\[\[(\d+\.?\d*)\]\]"), re.compile(r"\[(\d+\.?\d*)\]"))
+VERDICT = re.compile(r"\[\[([ABC])\]\]")
+SWAP = {"A": "B", "B": "A", "C": "C", None: None}
+
+
+def load_questions(path: str, categories: list[str] | None = None) -> list[dict]:
+    allowed = set(categories or MT_BENCH_CATEGORIES)
+    questions, seen = [], set()
+    for i, row in enumerate(read_rows(path), 1):
+        turns = row.get("turns")
+        if not isinstance(turns, list) or not turns or not all(isinstance(t, str) and t.strip() for t in turns):
+            raise SmoeError(f"row {i}: `turns` must be a non-empty list of non-empty strings", path, "give each question its user turns")
+        if row.get("category") not in allowed:
+            raise SmoeError(f"row {i}: unknown category {row.get('category')!r}", path, f"use one of {sorted(allowed)}, or list yours under `categories`")
+        if "question_id" not in row or row["question_id"] in seen:
+            raise SmoeError(f"row {i}: missing or repeated question_id", path, "give every question a unique question_id")
+        seen.add(row["question_id"])
+        questions.append(row)
+    return questions
+
+
+def load_answer_file(path: str, question_ids: set, require_all: bool) -> dict:
+    """{question_id: [turn answers]} from a FastChat answer file; refuses answers to other questions."""
+    answers = {}
+    for i, row in enumerate(read_rows(path), 1):
+        try:
+            qid, turns = row["question_id"], row["choices"][0]["turns"]
+        except (KeyError, IndexError, TypeError):
+            raise SmoeError(f"row {i} is not in FastChat's answer format", path, "rows need question_id and choices[0].turns") from None
+        if qid not in question_ids:
+            raise SmoeError(f"row {i}: question_id {qid} is not in the question file", path, "use the answer file made for these questions")
+        answers[qid] = turns
+    missing = question_ids - set(answers)
+    if require_all and missing:
+        raise SmoeError(f"no answer for questions {sorted(missing)[:5]}{'...' if len(missing) > 5 else ''}", path, "use the answer file made for these questions")
+    return answers
+
+
+def load_judge_prompts(path: str | None) -> dict:
+    """name -> (system, template), checked for the placeholders each name needs."""
+    if path is None:
+        return dict(DEFAULT_PROMPTS)
+    prompts = dict(DEFAULT_PROMPTS)
+    for i, row in enumerate(read_rows(path), 1):
+        name, template = row.get("name"), row.get("prompt_template", "")
+        if name not in PLACEHOLDERS:
+            continue
+        missing = PLACEHOLDERS[name] - set(re.findall(r"\{(\w+)\}", template))
+        if missing:
+            raise SmoeError(f"row {i}: judge prompt {name!r} lacks the placeholders {sorted(missing)}", path, "add them to prompt_template")
+        prompts[name] = (row.get("system_prompt", ""), template)
+    return prompts
+
+
+def answer_questions(spec: dict, questions: list[dict], max_new_tokens: int, seed: int) -> dict:
+    """{question_id: [answer per turn]}; turn k sees the model's own earlier answers."""
+    teacher = make_teacher(spec, f"model {spec.get('name')}")
+    histories = {q["question_id"]: [] for q in questions}
+    for turn in range(max(len(q["turns"]) for q in questions)):
+        asked = [q for q in questions if turn < len(q["turns"])]
+        for temperature in sorted({CATEGORY_TEMPERATURE.get(q["category"], 0.7) for q in asked}):
+            group = [q for q in asked if CATEGORY_TEMPERATURE.get(q["category"], 0.7) == temperature]
+            for q in group:
+                histories[q["question_id"]].append({"role": "user", "content": q["turns"][turn]})
+            out = teacher.complete([histories[q["question_id"]] for q in group], Sampling(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed))
+            for q, (answer,) in zip(group, out):
+                histories[q["question_id"]].append({"role": "assistant", "content": answer.text or ""})
+    return {qid: [m["content"] for m in h if m["role"] == "assistant"] for qid, h in histories.items()}
+
+
+def answer_rows(model_id: str, answers: dict) -> list[dict]:
+    return [
+        {"question_id": qid, "answer_id": hashlib.sha1(f"{model_id}:{qid}".encode()).hexdigest()[:22], "model_id": model_id, "choices": [{"index": 0, "turns": turns}], "tstamp": time.time()}
+        for qid, turns in answers.items()
+    ]
+
+
+def parse_rating(text: str | None) -> float | None:
+    for pattern in RATING:
+        found = pattern.findall(text or "")
+        if found:
+            value = float(found[-1])
+            return value if 0 <= value <= 10 else None
+    return None
+
+
+def parse_verdict(text: str | None) -> str | None:
+    found = VERDICT.findall(text or "")
+    return found[-1] if found else None
+
+
+class CachedJudge:
+    """A judge backend with a judgment cache keyed by (judge, system prompt, prompt), kept as JSONL."""
+
+    def __init__(self, spec: dict, cache_path: Path, max_new_tokens: int):
+        self.spec = dict(spec)
+        self.exact = self.spec.get("backend") == "skills"
+        self.teacher = None if self.exact else make_teacher(self.spec, "judge")
+        self.name = "skills" if self.exact else self.teacher.name
+        self.cache_path, self.max_new_tokens = cache_path, max_new_tokens
+        self.cache = {}
+        if cache_path.is_file():
+            for line in cache_path.open():
+                row = json.loads(line)
+                self.cache[row["key"]] = row["output"]
+        self.calls = 0
+
+    def key(self, system: str, prompt: str) -> str:
+        return hashlib.sha256(json.dumps([self.name, system, prompt]).encode()).hexdigest()
+
+    def ask(self, requests: list[tuple[str, str]]) -> list[str | None]:
+        """(system, prompt) pairs -> the judge's texts; only what is not cached is sent."""
+        todo = sorted({self.key(s, p): (s, p) for s, p in requests if self.key(s, p) not in self.cache}.items())
+        if todo:
+            conversations = [([{"role": "system", "content": s}] if s else []) + [{"role": "user", "content": p}] for _, (s, p) in todo]
+            out = self.teacher.complete(conversations, Sampling(temperature=0.0, max_new_tokens=self.max_new_tokens))
+            self.calls += len(todo)
+            with self.cache_path.open("a") as f:
+                for (key, _), (answer,) in zip(todo, out):
+                    if answer.text is not None:  # a failed request is not cached: a rerun retries it
+                        self.cache[key] = answer.text
+                        f.write(json.dumps({"key": key, "output": answer.text}) + "\n")
+        return [self.cache.get(self.key(s, p)) for s, p in requests]
+
+
+def exact_rating(question: str, answer: str) -> float | None:
+    """The skills judge as an MT-Bench grader: checks skills problems exactly, 0-10."""
+    return skills.judge([{"role": "user", "content": question}], answer).score
+
+
+def fill(prompts: dict, name: str, **values) -> tuple[str, str]:
+    system, template = prompts[name]
+    return system, template.format(**values)
+
+
+def single_requests(prompts, question, answers, reference) -> list[tuple[int, str, tuple[str, str]]]:
+    """(turn, prompt name, (system, prompt)) for each turn of one question."""
+    math = "math-" if question["category"] in NEEDS_REFERENCE and reference else ""
+    refs = {f"ref_answer_{k + 1}": r for k, r in enumerate(reference or [])}
+    out = [(1, f"single-{math}v1", fill(prompts, f"single-{math}v1", question=question["turns"][0], answer=answers[0], **refs))]
+    if len(question["turns"]) > 1:
+        name = f"single-{math}v1-multi-turn"
+        out.append((2, name, fill(prompts, name, question_1=question["turns"][0], question_2=question["turns"][1], answer_1=answers[0], answer_2=answers[1], **refs)))
+    return out
+
+
+def pair_requests(prompts, question, a, b, reference) -> list[tuple[int, str, tuple[str, str]]]:
+    math = "math-" if question["category"] in NEEDS_REFERENCE and reference else ""
+    refs = {f"ref_answer_{k + 1}": r for k, r in enumerate(reference or [])}
+    version = "v1" if math else "v2"
+    out = [(1, f"pair-{math}{version}", fill(prompts, f"pair-{math}{version}", question=question["turns"][0], answer_a=a[0], answer_b=b[0], **refs))]
+    if len(question["turns"]) > 1:
+        name = f"pair-{math}{version}-multi-turn"
+        out.append((2, name, fill(prompts, name, question_1=question["turns"][0], question_2=question["turns"][1], answer_a_1=a[0], answer_a_2=a[1], answer_b_1=b[0], answer_b_2=b[1], **refs)))
+    return out
+
+
+def bootstrap_ci(outcomes: list[float], samples: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile interval of the mean of per-question outcomes (win 1, tie 0.5, loss 0)."""
+    if not outcomes:
+        return (float("nan"), float("nan"))
+    rng = random.Random(seed)
+    means = sorted(sum(rng.choices(outcomes, k=len(outcomes))) / len(outcomes) for _ in range(samples))
+    return means[int(0.025 * samples)], means[int(0.975 * samples) - 1]
+
+
+def length_controlled_win_rate(outcomes: list[float], length_diffs: list[float], steps: int = 200) -> float:
+    """Win rate at equal length: logistic regression of the outcome on the (scaled) length difference,
+    read off at a difference of zero (the idea of AlpacaEval's length control, in its simplest form)."""
+    import math
+
+    if not outcomes:
+        return float("nan")
+    scale = (sum(d * d for d in length_diffs) / len(length_diffs)) ** 0.5 or 1.0
+    xs = [math.tanh(d / scale) for d in length_diffs]
+    a = b = 0.0
+    for _ in range(steps):  # gradient ascent on the log-likelihood; ties count as half a win
+        ga = gb = 0.0
+        for x, y in zip(xs, outcomes):
+            p = 1 / (1 + math.exp(-(a + b * x)))
+            ga += y - p
+            gb += (y - p) * x
+        a += ga / len(xs)
+        b += gb / len(xs)
+    return 1 / (1 + math.exp(-a))
+
+
+def model_spec(entry: dict) -> dict:
+    """A local model or adapter ({name, path}) runs through the hf backend; anything else names its backend."""
+    spec = {k: v for k, v in entry.items() if k != "name"}
+    return {"backend": "hf", "model": spec.pop("path"), **spec} if "path" in spec else spec
+
+
+def grade_single(judge: CachedJudge, prompts, questions, answers, references) -> list[dict]:
+    jobs = [(q, turn, name, request) for q in questions for turn, name, request in single_requests(prompts, q, answers[q["question_id"]], references.get(q["question_id"]))]
+    if judge.exact:
+        texts = [None] * len(jobs)
+        ratings = [exact_rating(q["turns"][turn - 1], answers[q["question_id"]][turn - 1]) for q, turn, _, _ in jobs]
+    else:
+        texts = judge.ask([request for *_, request in jobs])
+        ratings = [parse_rating(t) for t in texts]
+    return [
+        {"question_id": q["question_id"], "category": q["category"], "turn": turn, "judge_prompt": name, "rating": rating, "judgment": text}
+        for (q, turn, name, _), rating, text in zip(jobs, ratings, texts)
+    ]
+
+
+def grade_pairs(judge: CachedJudge, prompts, questions, mine, baseline, references) -> list[dict]:
+    """Each (question, turn) judged with the model as A and again as B; outcome 1 win, 0.5 tie, 0 loss."""
+    rows = []
+    for q in questions:
+        a, b, ref = mine[q["question_id"]], baseline[q["question_id"]], references.get(q["question_id"])
+        for (turn, name, first), (_, _, second) in zip(pair_requests(prompts, q, a, b, ref), pair_requests(prompts, q, b, a, ref)):
+            if judge.exact:  # the exact judge has no order to be biased by: one comparison, stated both ways
+                mine_score, base_score = exact_rating(q["turns"][turn - 1], a[turn - 1]), exact_rating(q["turns"][turn - 1], b[turn - 1])
+                verdict = None if None in (mine_score, base_score) else "A" if mine_score > base_score else "B" if base_score > mine_score else "C"
+                verdicts, texts = (verdict, SWAP[verdict]), ("exact", "exact")
+            else:
+                texts = tuple(judge.ask([first, second]))
+                verdicts = tuple(parse_verdict(t) for t in texts)
+            rows.append({"question_id": q["question_id"], "category": q["category"], "turn": turn, "judge_prompt": name, "verdicts": verdicts, "judgment": list(texts), "length_diff": len(a[turn - 1]) - len(b[turn - 1])})
+    for row in rows:
+        first, second = row["verdicts"]
+        if first is None or second is None:
+            row["outcome"] = None  # unparsed: counted, excluded
+        else:
+            as_a = {"A": 1.0, "B": 0.0, "C": 0.5}[first]
+            as_b = {"A": 0.0, "B": 1.0, "C": 0.5}[second]
+            row["outcome"] = as_a if as_a == as_b else 0.5  # the two orders disagree: a tie
+    return rows
+
+
+def summarise_single(rows: list[dict]) -> dict:
+    rated = [r for r in rows if r["rating"] is not None]
+    mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
+    return {
+        "turn_1": mean([r["rating"] for r in rated if r["turn"] == 1]),
+        "turn_2": mean([r["rating"] for r in rated if r["turn"] == 2]),
+        "overall": mean([r["rating"] for r in rated]),
+        "per_category": {c: mean([r["rating"] for r in rated if r["category"] == c]) for c in sorted({r["category"] for r in rows})},
+        "judged": len(rated),
+        "judge_failures": len(rows) - len(rated),
+    }
+
+
+def summarise_pairs(rows: list[dict], samples: int, seed: int, length_controlled: bool) -> dict:
+    judged = [r for r in rows if r["outcome"] is not None]
+    outcomes = [r["outcome"] for r in judged]
+    summary = {
+        "win": sum(o == 1.0 for o in outcomes),
+        "tie": sum(o == 0.5 for o in outcomes),
+        "loss": sum(o == 0.0 for o in outcomes),
+        "win_rate": sum(outcomes) / len(outcomes) if outcomes else None,
+        "win_rate_ci95": bootstrap_ci(outcomes, samples, seed),
+        "judge_failures": len(rows) - len(judged),
+    }
+    if length_controlled:
+        summary["length_controlled_win_rate"] = length_controlled_win_rate(outcomes, [r["length_diff"] for r in judged])
+    return summary
