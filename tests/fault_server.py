@@ -14,7 +14,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 class FaultServer:
-    def __init__(self, hang_seconds: float = 5.0, slow_seconds: float = 0.05):
+    def __init__(self, hang_seconds: float = 5.0, slow_seconds: float = 0.05, reply=None):
+        """`reply(model, messages) -> str`, when given, writes the answers instead of the echo."""
         self.attempts = Counter()
         self.hang_seconds, self.slow_seconds = hang_seconds, slow_seconds
         server = self
@@ -52,7 +53,7 @@ class FaultServer:
                     "object": "chat.completion",
                     "created": 0,
                     "model": request["model"],
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": f"echo: {text}"}, "finish_reason": "stop"}],
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": reply(request["model"], request["messages"]) if reply else f"echo: {text}"}, "finish_reason": "stop"}],
                     "usage": {"prompt_tokens": len(text), "completion_tokens": len(text) + 6, "total_tokens": 2 * len(text) + 6},
                 }
                 self._send(200, json.dumps(answer).encode())

@@ -14,7 +14,6 @@ from alignment.cli import main
 from alignment.manifest import is_complete, read_manifest
 from teacher_data.judge import TeacherJudge, parse_rating, parse_verdict
 from teacher_data.prompts import PromptSource, load_prompts
-from teacher_data.serve import start_transformers_serve
 from teacher_data.teachers import Completion, OpenAITeacher
 from tests.fault_server import FaultServer
 
@@ -118,15 +117,6 @@ def test_killed_run_resumes_to_the_same_dataset(fault_server, tmp_path):
     whole = [json.loads(line) for line in open(tmp_path / "whole" / "train.jsonl")]
     assert len(resumed) == 80 and len({r["prompt_id"] for r in resumed}) == 80
     assert sorted(map(json.dumps, resumed)) == sorted(map(json.dumps, whole))
-
-
-@pytest.fixture(scope="module")
-def served(micro_model):
-    """`transformers serve` hosting the micro model on a loopback port."""
-    server, url = start_transformers_serve(micro_model)
-    yield url, micro_model
-    server.terminate()
-    server.wait(timeout=30)
 
 
 def test_both_teacher_stages_through_transformers_serve(served, tmp_path):
