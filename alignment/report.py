@@ -1,6 +1,7 @@
 """The run report: summary.json for scripts, report.md and report.png for people."""
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -61,10 +62,16 @@ def write_report(outputs: dict, output_dir: str, started: float) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     manifests = {name: read_manifest(d) for name, (_, d) in outputs.items()}
     stage_logs = {name: (kind, manifests[name].get("log_history", [])) for name, (kind, _) in outputs.items() if kind in ("sft", "dpo")}
-    results = {}
+    results, chat, chat_reports = {}, {}, []
     for name, (kind, d) in outputs.items():
         if kind == "eval":
-            results.update(json.loads((Path(d) / "summary.json").read_text())["models"])
+            found = json.loads((Path(d) / "summary.json").read_text())
+            if "models" in found:  # the skills benchmark
+                results.update(found["models"])
+            else:  # an MT-Bench-format benchmark: its own report goes in as a section
+                chat[name] = {"single": found["single"], "pairwise": found["pairwise"]}
+                section = (Path(d) / "report.md").read_text().replace("# ", "## ", 1)
+                chat_reports.append(section.replace("](report.png)", f"]({os.path.relpath(Path(d) / 'report.png', out)})"))
     mean = {name: r["mean_accuracy"] for name, r in results.items()}
     deltas = {}
     if "ddpo" in mean and "dsft" in mean:
@@ -74,7 +81,7 @@ def write_report(outputs: dict, output_dir: str, started: float) -> dict:
                 deltas[f"ddpo_minus_{control}"] = mean["ddpo"] - mean[control]
     timings = {name: manifests[name].get("seconds") for name in outputs}
     table = accuracy_table(results) if results else ""
-    summary = {"models": results, "deltas": deltas, "stage_seconds": timings, "table": table, "wall_seconds": round(time.time() - started, 1)}
+    summary = {"models": results, "chat_benchmarks": chat, "deltas": deltas, "stage_seconds": timings, "table": table, "wall_seconds": round(time.time() - started, 1)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     if results or stage_logs:
         plot(stage_logs, results, out / "report.png")
@@ -84,6 +91,7 @@ def write_report(outputs: dict, output_dir: str, started: float) -> dict:
     for control, what in CONTROLS.items():
         if control in results:
             lines.append(f"- {control} is {what}, with dDPO's step count")
+    lines += [""] + chat_reports
     lines += ["", "| stage | seconds |", "|---|---|"] + [f"| {n} | {s} |" for n, s in timings.items()]
     lines += ["", "![training and accuracy](report.png)", ""]
     (out / "report.md").write_text("\n".join(lines))

@@ -31,6 +31,12 @@ def micro_pipeline(root, micro_model, dpo_data):
             "models": [{"name": n, "path": d(p)} for n, p in [("dsft", "sft"), ("ddpo", "dpo"), ("control_teacher_sft", "control_teacher_sft"), ("control_chosen_sft", "control_chosen_sft")]],
         },
     }
+    overrides["chat_eval"] = {
+        "output_dir": d("chat_eval"),
+        "prompts_per_skill": 2,
+        "max_new_tokens": 8,
+        "models": [{"name": "dsft", "path": d("sft")}, {"name": "ddpo", "path": d("dpo")}],
+    }
     recipe = yaml.safe_load(open("recipes/tiny/pipeline.yaml"))
     recipe["output_dir"] = str(root)
     recipe["stages"] = [{**s, "overrides": overrides[s["name"]]} for s in recipe["stages"] if s["name"] in overrides]
@@ -58,9 +64,12 @@ def test_pipeline_runs_resumes_and_reports(tmp_path, micro_model, capsys):
     dpo_steps = json.loads((tmp_path / "dpo" / "manifest.json").read_text())["global_step"]
     for control in ("control_teacher_sft", "control_chosen_sft"):
         assert json.loads((tmp_path / control / "manifest.json").read_text())["global_step"] == dpo_steps
+    chat = summary["chat_benchmarks"]["chat_eval"]
+    assert chat["single"]["ddpo"]["judged"] == 2 * 2 * 4 and "ddpo" in chat["pairwise"]  # 2 questions x 2 turns x 4 skills
     report = (tmp_path / "report.md").read_text()
+    assert "## MT-Bench-format evaluation" in report
     assert "| ddpo |" in report and "report.png" in report
     assert (tmp_path / "report.png").stat().st_size > 10_000
 
     assert main(["pipeline", "--config", str(fixed)]) == 0  # everything complete: nothing redone
-    assert capsys.readouterr().out.count("is complete; skipping") == 8
+    assert capsys.readouterr().out.count("is complete; skipping") == 9

@@ -67,7 +67,19 @@ VERDICT = re.compile(r"\[\[([ABC])\]\]")
 SWAP = {"A": "B", "B": "A", "C": "C", None: None}
 
 
-def load_questions(path: str, categories: list[str] | None = None) -> list[dict]:
+def skills_questions(split: str, per_skill: int, seed: int) -> list[dict]:
+    """Two-turn questions in MT-Bench format from skills problems (two of the same skill per question)."""
+    rows = skills.make_prompts(split, 2 * per_skill, seed)
+    return [
+        {"question_id": i + 1, "category": a["category"], "turns": [a["messages"][0]["content"], b["messages"][0]["content"]]}
+        for i, (a, b) in enumerate(zip(rows[0::2], rows[1::2]))
+    ]
+
+
+def load_questions(path: str, categories: list[str] | None = None, per_skill: int = 25, seed: int = 0) -> list[dict]:
+    """A question.jsonl file, or `skills:<split>` for two-turn skills questions checked by the skills judge."""
+    if path.startswith("skills:"):
+        return skills_questions(path.split(":", 1)[1], per_skill, seed)
     allowed = set(categories or MT_BENCH_CATEGORIES)
     questions, seen = [], set()
     for i, row in enumerate(read_rows(path), 1):

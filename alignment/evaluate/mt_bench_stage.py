@@ -13,7 +13,7 @@ def run(args):
     started = time.time()
     out = Path(args.output_dir)
     (out / "model_answer").mkdir(parents=True, exist_ok=True)
-    questions = mt.load_questions(args.question_file, args.categories)[: args.max_questions]
+    questions = mt.load_questions(args.question_file, args.categories, args.prompts_per_skill, args.seed)[: args.max_questions]
     ids = {q["question_id"] for q in questions}
     references = mt.load_answer_file(args.reference_answers, ids, require_all=False) if args.reference_answers else {}
     prompts = mt.load_judge_prompts(args.judge_prompts)

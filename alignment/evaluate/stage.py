@@ -27,7 +27,7 @@ class EvalArgs:
     prompts: str = "skills:heldout"
     prompts_per_skill: int = 500
     # mt_bench
-    question_file: str | None = None
+    question_file: str | None = None  # or skills:heldout (prompts_per_skill two-turn questions per skill)
     categories: list | None = None  # allowed categories; MT-Bench's eight when unset
     max_questions: int | None = None
     judge: dict = field(default_factory=lambda: {"backend": "skills"})
