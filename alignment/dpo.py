@@ -13,7 +13,8 @@ from datasets import Dataset
 from trl import DPOConfig, DPOTrainer, ModelConfig
 
 from alignment.data import read_rows, to_preference
-from alignment.train_common import load_student, train_and_save
+from alignment.models.router import MoEArgs, RouterLossMixin, attach_router_losses
+from alignment.train_common import load_student, take_trl_router_coef, train_and_save
 
 
 @dataclass
@@ -22,13 +23,19 @@ class DPODataArgs:
     max_train_samples: int | None = None
 
 
-RECIPE_CLASSES = (DPODataArgs, DPOConfig, ModelConfig)
+RECIPE_CLASSES = (DPODataArgs, DPOConfig, ModelConfig, MoEArgs)
 
 
-def run(data_args: DPODataArgs, training_args: DPOConfig, model_args: ModelConfig):
+class MoEDPOTrainer(RouterLossMixin, DPOTrainer):
+    """DPOTrainer plus JetMoE's router losses on the policy's pass (see alignment.models.router)."""
+
+
+def run(data_args: DPODataArgs, training_args: DPOConfig, model_args: ModelConfig, moe: MoEArgs):
     started = time.time()
     rows = read_rows(data_args.dataset_path)[: data_args.max_train_samples]
     dataset = Dataset.from_list([to_preference(r, data_args.dataset_path, i) for i, r in enumerate(rows, 1)])
     model, tokenizer, peft_config = load_student(model_args)
-    trainer = DPOTrainer(model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config)
+    take_trl_router_coef(training_args, moe, model)
+    trainer = MoEDPOTrainer(model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config)
+    attach_router_losses(trainer, moe)
     return train_and_save(trainer, "dpo", started, rows=len(dataset))

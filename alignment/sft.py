@@ -12,7 +12,8 @@ from datasets import Dataset
 from trl import ModelConfig, SFTConfig, SFTTrainer
 
 from alignment.data import read_rows, to_conversation
-from alignment.train_common import load_student, train_and_save
+from alignment.models.router import MoEArgs, RouterLossMixin, attach_router_losses
+from alignment.train_common import load_student, take_trl_router_coef, train_and_save
 
 
 @dataclass
@@ -22,7 +23,11 @@ class SFTDataArgs:
     max_train_samples: int | None = None
 
 
-RECIPE_CLASSES = (SFTDataArgs, SFTConfig, ModelConfig)
+RECIPE_CLASSES = (SFTDataArgs, SFTConfig, ModelConfig, MoEArgs)
+
+
+class MoESFTTrainer(RouterLossMixin, SFTTrainer):
+    """SFTTrainer plus JetMoE's router losses (see alignment.models.router)."""
 
 
 def load_sft_dataset(args: SFTDataArgs) -> Dataset:
@@ -30,9 +35,11 @@ def load_sft_dataset(args: SFTDataArgs) -> Dataset:
     return Dataset.from_list([{"messages": to_conversation(r, args.messages_field, args.dataset_path, i)} for i, r in enumerate(rows, 1)])
 
 
-def run(data_args: SFTDataArgs, training_args: SFTConfig, model_args: ModelConfig):
+def run(data_args: SFTDataArgs, training_args: SFTConfig, model_args: ModelConfig, moe: MoEArgs):
     started = time.time()
     dataset = load_sft_dataset(data_args)
     model, tokenizer, peft_config = load_student(model_args)
-    trainer = SFTTrainer(model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config)
+    take_trl_router_coef(training_args, moe, model)
+    trainer = MoESFTTrainer(model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config)
+    attach_router_losses(trainer, moe)
     return train_and_save(trainer, "sft", started, rows=len(dataset))

@@ -13,6 +13,13 @@ def load_student(model_args: ModelConfig):
     return model, load_tokenizer(model_args.model_name_or_path), get_peft_config(model_args)
 
 
+def take_trl_router_coef(training_args, moe, model):
+    """TRL's `router_aux_loss_coef` crashes inside JetMoE: for JetMoE it becomes our load-balancing loss."""
+    if model.config.model_type == "jetmoe" and training_args.router_aux_loss_coef:
+        moe.moe_aux_loss_coef = moe.moe_aux_loss_coef or training_args.router_aux_loss_coef
+        training_args.router_aux_loss_coef = None
+
+
 def train_and_save(trainer, stage: str, started: float, **info):
     """Resume from the newest checkpoint if a run was cut off, then save the model and the manifest."""
     output_dir = trainer.args.output_dir

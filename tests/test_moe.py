@@ -1,0 +1,83 @@
+"""JetMoE specifics: activation checkpointing, router losses, and their logging in sft and dpo."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from alignment.cli import main
+from alignment.manifest import read_manifest
+from alignment.models.jetmoe import load_causal_lm
+from alignment.models.router import RouterLosses, load_balancing_loss, z_loss
+
+
+def batch(model, seed=0):
+    torch.manual_seed(seed)
+    ids = torch.randint(10, 250, (4, 24))
+    return {"input_ids": ids, "labels": ids}
+
+
+def test_checkpointing_gives_the_same_gradients(micro_model):
+    grads = []
+    for checkpointing in (False, True):
+        model = load_causal_lm(micro_model).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            assert model.is_gradient_checkpointing
+        model(**batch(model)).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name, grad in grads[0].items():
+        assert torch.allclose(grad, grads[1][name], atol=1e-6), name
+
+
+def test_load_balancing_and_z_loss_values():
+    experts = 8
+    balanced = torch.full((experts, experts), -5.0)
+    for t in range(experts):  # token t prefers experts t and t+1: every expert chosen equally often
+        balanced[t, t], balanced[t, (t + 1) % experts] = 5.0, 4.0
+    assert load_balancing_loss(balanced, top_k=2).item() == pytest.approx(1.0, abs=1e-4)
+    collapsed = torch.full((16, experts), -20.0)
+    collapsed[:, 0] = collapsed[:, 1] = 20.0  # all tokens to experts 0 and 1, half the probability each
+    assert load_balancing_loss(collapsed, top_k=2).item() == pytest.approx(experts / 2, rel=1e-4)
+    assert z_loss(torch.zeros(5, experts)).item() == pytest.approx(math.log(experts) ** 2)
+
+
+def test_router_losses_cover_both_routers_and_train_only_with_grad(micro_model):
+    model = load_causal_lm(micro_model).train()
+    losses = RouterLosses(model, aux_coef=0.01, z_coef=0.001)
+    layers = model.config.num_hidden_layers
+    assert len(losses.handles) == 2 * layers
+    with torch.no_grad():
+        model(**batch(model))
+    assert losses.records == []  # reference passes and generation are not counted
+    model(**batch(model))
+    extra, metrics = losses.pop()
+    assert {f"router/L{i}.{k}/entropy" for i in range(layers) for k in ("attn", "mlp")} <= set(metrics)
+    assert extra.item() == pytest.approx(0.01 * metrics["router/aux_loss"] + 0.001 * metrics["router/z_loss"], rel=1e-5)
+    extra.backward()
+    routers = {n: p.grad for n, p in model.named_parameters() if "router" in n}
+    assert len(routers) == 2 * layers and all(g is not None and g.abs().sum() > 0 for g in routers.values())
+
+
+@pytest.mark.parametrize("flags", [["--moe_aux_loss_coef", "0.01", "--moe_z_loss_coef", "0.001"], ["--router_aux_loss_coef", "0.01"]])
+def test_sft_and_dpo_log_router_losses_and_reload_cleanly(micro_model, tmp_path, flags):
+    from transformers import AutoModelForCausalLM
+
+    fast = ["--max_steps", "2", "--logging_steps", "1", "--report_to", "none", "--per_device_train_batch_size", "4"]
+    assert main(["teacher-sft", "--config", "recipes/tiny/teacher_sft.yaml", "--prompts_per_skill", "4", "--output_dir", str(tmp_path / "data")]) == 0
+    sft = tmp_path / "sft"
+    assert main(["sft", "--config", "recipes/tiny/sft.yaml", "--model_name_or_path", micro_model, "--dataset_path", str(tmp_path / "data"), "--output_dir", str(sft), *fast, *flags]) == 0
+    logs = [h for h in read_manifest(sft)["log_history"] if "loss" in h]
+    assert len(logs) == 2 and all("router/aux_loss" in h and "router/L0.mlp/max_load" in h for h in logs)
+    config = json.loads((sft / "config.json").read_text())
+    assert "router_aux_loss_coef" not in config and config["output_router_logits"] is False
+    AutoModelForCausalLM.from_pretrained(sft)
+
+    pairs = tmp_path / "pairs.jsonl"
+    prompt = [{"role": "user", "content": "sort 321"}]
+    pairs.write_text("".join(json.dumps({"prompt": prompt, "chosen": [{"role": "assistant", "content": "Answer: 123"}], "rejected": [{"role": "assistant", "content": f"Answer: 13{i}"}]}) + "\n" for i in range(8)))
+    dpo = tmp_path / "dpo"
+    assert main(["dpo", "--config", "recipes/tiny/dpo.yaml", "--model_name_or_path", str(sft), "--dataset_path", str(pairs), "--output_dir", str(dpo), *fast, *flags]) == 0
+    logs = [h for h in read_manifest(dpo)["log_history"] if "loss" in h]
+    assert len(logs) == 2 and all("router/z_loss" in h and "rewards/margins" in h for h in logs)
