@@ -25,8 +25,9 @@ def train_and_save(trainer, stage: str, started: float, **info):
     output_dir = trainer.args.output_dir
     trainer.train(resume_from_checkpoint=get_last_checkpoint(output_dir))
     trainer.save_model(output_dir)
-    if trainer.processing_class is not None:
-        trainer.processing_class.save_pretrained(output_dir)
     logs = trainer.state.log_history
-    write_manifest(output_dir, stage, started, log_history=logs, global_step=trainer.state.global_step, **info)
+    if trainer.is_world_process_zero():  # under torchrun / accelerate every rank runs this
+        if trainer.processing_class is not None:
+            trainer.processing_class.save_pretrained(output_dir)
+        write_manifest(output_dir, stage, started, log_history=logs, global_step=trainer.state.global_step, world_size=trainer.args.world_size, **info)
     return logs

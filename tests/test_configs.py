@@ -67,3 +67,13 @@ def stage_of(recipe: str) -> str:
 def test_every_shipped_recipe_parses(recipe, monkeypatch):
     monkeypatch.chdir(ROOT)
     load_recipe(ROOT / recipe, {}, recipe_classes(stage_of(recipe)))
+
+
+@pytest.mark.parametrize("name, kind", [("ddp", "MULTI_GPU"), ("zero3", "DEEPSPEED"), ("fsdp", "FSDP")])
+def test_accelerate_configs_load(name, kind):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(ROOT / "recipes" / "accelerate" / f"{name}.yaml"))
+    assert config.distributed_type.name == kind and config.num_processes == 8
+    if name == "fsdp":
+        assert config.fsdp_config["fsdp_transformer_layer_cls_to_wrap"] == "JetMoeDecoderLayer"
