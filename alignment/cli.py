@@ -16,6 +16,7 @@ stages, in pipeline order:
   dpo            distilled DPO of the dSFT model (TRL DPOTrainer)
   eval           held-out accuracy per skill and judge score of each model
   pipeline       every stage of a pipeline recipe, skipping complete ones, then the report
+  estimate-memory  predicted peak training memory of an sft or dpo recipe: full, LoRA, QLoRA
 
 Keys are the recipe's dataclass fields (TRL / transformers names where they exist);
 `smoe-align <stage> --help` lists them."""
@@ -25,6 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     from alignment.stages import STAGES
 
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "estimate-memory":
+        return estimate_memory(argv[1:])
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in STAGES:
         print(USAGE)
         if argv and argv[0] not in ("-h", "--help"):
@@ -48,6 +51,28 @@ def main(argv: list[str] | None = None) -> int:
             raise SmoeError("no recipe given", f"smoe-align {stage}", f"pass --config recipes/tiny/{stage.replace('-', '_')}.yaml")
         out = run_stage(stage, known.config, parse_overrides(extra))
         print(f"[{stage}] done: {out}")
+        return 0
+    except SmoeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def estimate_memory(argv: list[str]) -> int:
+    """Reads an sft / dpo recipe (plus --key value overrides of its keys) and prints the estimate."""
+    from alignment.configs import build, check_keys, field_names, parse_overrides, read_yaml
+    from alignment.memory import MemoryArgs, format_estimate, run_estimate
+    from alignment.stages import recipe_classes
+
+    try:
+        if len(argv) < 2 or argv[0] != "--config":
+            raise SmoeError("no recipe given", "smoe-align estimate-memory", "pass --config RECIPE.yaml (an sft or dpo recipe)")
+        overrides = parse_overrides(argv[2:])
+        own = {k: overrides.pop(k) for k in list(overrides) if k in field_names(MemoryArgs)}
+        (args,) = build(own, (MemoryArgs,), "command line")
+        recipe = {**read_yaml(argv[1]), **overrides}
+        stage = args.stage or ("dpo" if {"beta", "loss_type"} & set(recipe) else "sft")
+        check_keys(recipe, field_names(*recipe_classes(stage)), argv[1])
+        print(format_estimate(run_estimate(recipe, args)))
         return 0
     except SmoeError as err:
         print(f"error: {err}", file=sys.stderr)
