@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
 def estimate_memory(argv: list[str]) -> int:
     """Reads an sft / dpo recipe (plus --key value overrides of its keys) and prints the estimate."""
     from alignment.configs import build, check_keys, field_names, parse_overrides, read_yaml
-    from alignment.memory import MemoryArgs, format_estimate, run_estimate
+    from alignment.memory import MemoryArgs, format_estimate, guess_stage, run_estimate
     from alignment.stages import recipe_classes
 
     try:
@@ -70,8 +70,8 @@ def estimate_memory(argv: list[str]) -> int:
         own = {k: overrides.pop(k) for k in list(overrides) if k in field_names(MemoryArgs)}
         (args,) = build(own, (MemoryArgs,), "command line")
         recipe = {**read_yaml(argv[1]), **overrides}
-        stage = args.stage or ("dpo" if {"beta", "loss_type"} & set(recipe) else "sft")
-        check_keys(recipe, field_names(*recipe_classes(stage)), argv[1])
+        args.stage = args.stage or guess_stage(recipe)
+        check_keys(recipe, field_names(*recipe_classes(args.stage)), argv[1])
         print(format_estimate(run_estimate(recipe, args)))
         return 0
     except SmoeError as err:

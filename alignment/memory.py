@@ -125,8 +125,12 @@ class MemoryArgs:
     model_config: dict | None = None  # config keys to override, e.g. {num_hidden_layers: 24}
 
 
+def guess_stage(recipe: dict) -> str:
+    return "dpo" if {"beta", "loss_type", "precompute_ref_log_probs"} & set(recipe) else "sft"
+
+
 def run_estimate(recipe: dict, args: MemoryArgs) -> dict:
-    stage = args.stage or ("dpo" if {"beta", "loss_type", "precompute_ref_log_probs"} & set(recipe) else "sft")
+    stage = args.stage or guess_stage(recipe)
     config = model_config(recipe.get("model_name_or_path", ""), args.model_config or {})
     counts = parameter_counts(config)
     seq_len = args.seq_len or recipe.get("max_length", 1024)
