@@ -6,11 +6,15 @@ from trl import ModelConfig, get_peft_config
 
 from alignment.manifest import write_manifest
 from alignment.models.jetmoe import load_causal_lm, load_tokenizer
+from alignment.models.lora import expert_lora_config
 
 
 def load_student(model_args: ModelConfig):
     model = load_causal_lm(model_args.model_name_or_path, model_args.dtype, attn_implementation=model_args.attn_implementation)
-    return model, load_tokenizer(model_args.model_name_or_path), get_peft_config(model_args)
+    peft_config = get_peft_config(model_args)
+    if peft_config is not None and model.config.model_type == "jetmoe":
+        expert_lora_config(peft_config)  # lora_target_modules may name the expert banks: input_linear, output_linear
+    return model, load_tokenizer(model_args.model_name_or_path), peft_config
 
 
 def take_trl_router_coef(training_args, moe, model):

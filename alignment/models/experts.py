@@ -19,13 +19,17 @@ def _groupable(inputs: torch.Tensor, weight: torch.Tensor) -> bool:
     return _HAS_GROUPED_MM and inputs.dtype == weight.dtype and inputs.shape[-1] % align == 0 and weight.shape[1] % align == 0
 
 
-def experts_forward(self, inputs: torch.Tensor, expert_size: list[int]) -> torch.Tensor:
-    """inputs [tokens sorted by expert, in], expert_size [E] -> [tokens, out]; weight is [E, out, in]."""
-    if _groupable(inputs, self.weight):
+def grouped_linear(inputs: torch.Tensor, weight: torch.Tensor, expert_size: list[int]) -> torch.Tensor:
+    """inputs [tokens sorted by expert, in], weight [E, out, in], expert_size [E] -> [tokens, out]."""
+    if _groupable(inputs, weight):
         offsets = torch.tensor(expert_size, device=inputs.device).cumsum(0).to(torch.int32)
-        return torch._grouped_mm(inputs, self.weight.transpose(1, 2), offs=offsets)
+        return torch._grouped_mm(inputs, weight.transpose(1, 2), offs=offsets)
     chunks = inputs.split(expert_size, dim=0)
-    return torch.cat([F.linear(x, w) for x, w in zip(chunks, self.weight.unbind(0))], dim=0)
+    return torch.cat([F.linear(x, w) for x, w in zip(chunks, weight.unbind(0))], dim=0)
+
+
+def experts_forward(self, inputs: torch.Tensor, expert_size: list[int]) -> torch.Tensor:
+    return grouped_linear(inputs, self.weight, expert_size)
 
 
 STOCK_FORWARD = modeling_jetmoe.JetMoeParallelExperts.forward

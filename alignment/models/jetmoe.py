@@ -28,11 +28,16 @@ def load_causal_lm(path: str, dtype: str | None = None, **kwargs):
     adapter_config = Path(path) / "adapter_config.json"
     try:
         if adapter_config.is_file():
-            from peft import PeftModel
+            from peft import LoraConfig, PeftModel
+
+            from alignment.models.lora import expert_lora_config
 
             base = json.loads(adapter_config.read_text())["base_model_name_or_path"]
             model = AutoModelForCausalLM.from_pretrained(base, dtype=_dtype(dtype), **kwargs)
-            model = PeftModel.from_pretrained(model, path).merge_and_unload()
+            config = LoraConfig.from_pretrained(path)
+            if model.config.model_type == "jetmoe":
+                expert_lora_config(config)
+            model = PeftModel.from_pretrained(model, path, config=config).merge_and_unload()
         else:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(dtype), **kwargs)
     except OSError as err:
