@@ -6,14 +6,21 @@ from trl import ModelConfig, get_peft_config
 
 from alignment.manifest import write_manifest
 from alignment.models.jetmoe import load_causal_lm, load_tokenizer
+from alignment.errors import SmoeError
 from alignment.models.lora import expert_lora_config
+from alignment.models.quant import quantize_experts
 
 
 def load_student(model_args: ModelConfig):
     model = load_causal_lm(model_args.model_name_or_path, model_args.dtype, attn_implementation=model_args.attn_implementation)
     peft_config = get_peft_config(model_args)
-    if peft_config is not None and model.config.model_type == "jetmoe":
-        expert_lora_config(peft_config)  # lora_target_modules may name the expert banks: input_linear, output_linear
+    if model.config.model_type == "jetmoe":
+        if peft_config is not None:
+            expert_lora_config(peft_config)  # lora_target_modules may name the expert banks: input_linear, output_linear
+        if model_args.load_in_4bit:  # QLoRA: the expert banks in NF4 (stock 4-bit loading leaves them untouched)
+            if peft_config is None:
+                raise SmoeError("load_in_4bit trains adapters only", "recipe", "set use_peft: true with lora_target_modules")
+            quantize_experts(model, compute_dtype=model.dtype)
     return model, load_tokenizer(model_args.model_name_or_path), peft_config
 
 

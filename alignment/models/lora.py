@@ -60,6 +60,8 @@ class ExpertLoraLayer(nn.Module, LoraLayer):
         return torch.bmm(self.lora_B[adapter].weight, self.lora_A[adapter].weight) * self.scaling[adapter]
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        if not hasattr(self.get_base_layer(), "weight"):
+            raise ValueError("cannot merge into 4-bit experts: load the adapter onto the full-precision model and merge there")
         weight = self.get_base_layer().weight
         for name in adapter_names or self.active_adapters:
             if name in self.lora_A and name not in self.merged_adapters:

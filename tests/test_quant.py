@@ -1,0 +1,53 @@
+"""4-bit NF4 experts for QLoRA: per-expert products, storage, training, and adapters that move to full precision."""
+
+import bitsandbytes.functional as bnbf
+import torch
+from safetensors.torch import load_file
+from transformers.models.jetmoe.modeling_jetmoe import JetMoeParallelExperts
+
+from alignment.cli import main
+from alignment.models.jetmoe import load_causal_lm
+from alignment.models.quant import QuantizedExperts, quantize_experts
+
+
+def bank(experts=8, out=256, inp=128):
+    torch.manual_seed(0)
+    b = JetMoeParallelExperts(experts, inp, out)
+    torch.nn.init.normal_(b.weight, std=0.02)
+    return b
+
+
+def test_each_expert_is_quantised_alone_and_multiplied_exactly():
+    full = bank()
+    quantised = QuantizedExperts(full, torch.float32)
+    sizes = [5, 0, 7, 3, 1, 0, 9, 2]  # empty experts too
+    x = torch.randn(sum(sizes), full.input_size)
+    y = quantised(x, sizes)
+    for e, (chunk, out) in enumerate(zip(x.split(sizes), y.split(sizes))):
+        weight = bnbf.dequantize_4bit(getattr(quantised, f"packed_{e}"), quantised.states[e])
+        assert torch.allclose(out, chunk @ weight.t(), atol=1e-5)
+        assert (weight - full.weight[e]).norm() / full.weight[e].norm() < 0.12  # NF4 error, 4 bits
+    assert quantised.states[0].nested  # double quantisation of the block scales
+    assert quantised.storage_bytes() / (full.weight.numel() * 2) <= 0.26  # FINDINGS: 4.13 bits, 0.258x bf16
+
+
+def test_quantize_experts_replaces_every_bank(micro_model):
+    model = quantize_experts(load_causal_lm(micro_model), torch.float32)
+    assert sum(isinstance(m, QuantizedExperts) for m in model.modules()) == 4 * model.config.num_hidden_layers
+    assert not any(p.dim() == 3 for p in model.parameters())
+
+
+def test_qlora_sft_then_dpo_and_the_adapter_merges_into_full_precision(micro_model, tmp_path):
+    fast = ["--max_steps", "2", "--logging_steps", "1", "--report_to", "none", "--per_device_train_batch_size", "4", "--learning_rate", "1e-2", "--load_in_4bit", "true"]
+    assert main(["teacher-sft", "--config", "recipes/tiny/teacher_sft.yaml", "--prompts_per_skill", "4", "--output_dir", str(tmp_path / "data")]) == 0
+    sft = tmp_path / "sft"
+    assert main(["sft", "--config", "recipes/tiny/sft_lora.yaml", "--model_name_or_path", micro_model, "--dataset_path", str(tmp_path / "data"), "--output_dir", str(sft), *fast]) == 0
+    adapter = load_file(sft / "adapter_model.safetensors")
+    assert any("mlp.input_linear.lora_B" in k and adapter[k].abs().sum() > 0 for k in adapter)
+    base, merged = load_causal_lm(micro_model), load_causal_lm(str(sft))  # onto the full-precision base
+    expert_weights = [n for n, p in base.named_parameters() if p.dim() == 3]
+    assert all(not torch.equal(base.get_parameter(n), merged.get_parameter(n)) for n in expert_weights)
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join('{"prompt": "sort 321", "chosen": "Answer: 123", "rejected": "Answer: 13%d"}\n' % i for i in range(8)))
+    assert main(["dpo", "--config", "recipes/tiny/dpo_lora.yaml", "--model_name_or_path", str(sft), "--dataset_path", str(pairs), "--output_dir", str(tmp_path / "dpo"), *fast]) == 0
+    assert (tmp_path / "dpo" / "adapter_model.safetensors").is_file()
