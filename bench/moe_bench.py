@@ -1,0 +1,124 @@
+"""MoE training components against the stock stack, as ratios measured in one run on this machine.
+
+Mid size: hidden 1024, expert width 2816, 8 experts top-2 in both banks, 2048 tokens (2 x 1024).
+1. 4-bit experts: bytes of an MLP expert bank in NF4 (per expert, double quantisation) against bf16,
+   and its forward (dequantised one expert at a time) against the bf16 bank forward.
+2. Expert LoRA, rank 8 on both expert banks, fp32: a training step (forward, backward) of a 2-layer
+   JetMoE against the frozen-base step, and against PEFT `target_parameters` with the same factors
+   (whose outputs it must match to 1e-5), run as a TRL + PEFT user runs it (transformers' expert loop)
+   and, for a fair view of the LoRA part alone, on our grouped experts too.
+
+usage: python bench/moe_bench.py [--rounds 3] [--layers 2]
+"""
+
+import argparse
+import time
+
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import JetMoeConfig, JetMoeForCausalLM
+from transformers.models.jetmoe.modeling_jetmoe import JetMoeParallelExperts
+
+from alignment.models.experts import STOCK_FORWARD, experts_forward, use_fast_experts
+from alignment.models.lora import expert_lora_config
+from alignment.models.quant import QuantizedExperts
+
+HIDDEN, WIDTH, EXPERTS, TOP_K, TOKENS = 1024, 2816, 8, 2, 2048
+BANKS = ["mlp.input_linear.weight", "mlp.output_linear.weight", "experts.input_linear.weight", "experts.output_linear.weight"]
+
+
+def best(fn, rounds: int) -> float:
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def routed_sizes(tokens: int) -> list[int]:
+    torch.manual_seed(0)
+    choice = torch.rand(tokens, EXPERTS).topk(TOP_K, dim=-1).indices.flatten()
+    return torch.bincount(choice, minlength=EXPERTS).tolist()
+
+
+def four_bit(rounds: int):
+    torch.manual_seed(0)
+    bank = JetMoeParallelExperts(EXPERTS, HIDDEN, 2 * WIDTH)
+    torch.nn.init.normal_(bank.weight, std=0.02)
+    bank = bank.to(torch.bfloat16)
+    quantised = QuantizedExperts(bank, torch.bfloat16)
+    sizes = routed_sizes(TOKENS)
+    x = torch.randn(sum(sizes), HIDDEN, dtype=torch.bfloat16)
+    with torch.no_grad():
+        bf16_time = stock_time = q_time = float("inf")
+        for _ in range(rounds):  # interleaved
+            bf16_time = min(bf16_time, best(lambda: experts_forward(bank, x, sizes), 1))
+            stock_time = min(stock_time, best(lambda: STOCK_FORWARD(bank, x, sizes), 1))
+            q_time = min(q_time, best(lambda: quantised(x, sizes), 1))
+    ratio_bytes = quantised.storage_bytes() / (bank.weight.numel() * 2)
+    print(f"4-bit MLP expert bank [{EXPERTS}, {2 * WIDTH}, {HIDDEN}], {sum(sizes)} routed rows, bf16")
+    print(f"  bytes: NF4 {quantised.storage_bytes() / 2**20:.1f} MiB vs bf16 {bank.weight.numel() * 2 / 2**20:.1f} MiB = {ratio_bytes:.3f}x")
+    print(f"  forward: bf16 grouped {bf16_time * 1e3:.1f} ms, bf16 stock loop {stock_time * 1e3:.1f} ms, NF4 per expert {q_time * 1e3:.1f} ms")
+    print(f"  ratio NF4 / bf16 grouped: {q_time / bf16_time:.2f}x   NF4 / bf16 stock: {q_time / stock_time:.2f}x")
+
+
+def mid_model(layers: int):
+    config = JetMoeConfig(vocab_size=512, hidden_size=HIDDEN, intermediate_size=WIDTH, num_hidden_layers=layers, num_key_value_heads=8, kv_channels=64, num_local_experts=EXPERTS, num_experts_per_tok=TOP_K)
+    torch.manual_seed(0)
+    model = JetMoeForCausalLM(config)
+    model.config._attn_implementation = "sdpa"
+    return model
+
+
+def lora_step(rounds: int, layers: int):
+    use_fast_experts()
+    frozen = mid_model(layers)
+    for name, p in frozen.named_parameters():
+        p.requires_grad_("norm" in name)  # a frozen base that still back-propagates through every layer
+    ours = get_peft_model(mid_model(layers), expert_lora_config(LoraConfig(r=8, lora_alpha=16, target_modules=["input_linear", "output_linear"], task_type="CAUSAL_LM")))
+    theirs = get_peft_model(mid_model(layers), LoraConfig(r=8, lora_alpha=16, target_modules=[], target_parameters=BANKS, task_type="CAUSAL_LM"))
+    torch.manual_seed(1)
+    with torch.no_grad():  # the same non-zero factors in both adapters
+        ours_params = dict(ours.named_parameters())
+        for name, module in theirs.named_modules():
+            if hasattr(module, "num_experts") and "default" in getattr(module, "lora_A", {}):
+                torch.nn.init.normal_(module.lora_B["default"].weight, std=0.02)
+                a, b, e = module.lora_A["default"].weight, module.lora_B["default"].weight, module.num_experts
+                ours_params[f"{name}.lora_A.default.weight"].copy_(a.reshape(e, -1, a.shape[-1]))
+                ours_params[f"{name}.lora_B.default.weight"].copy_(b.reshape(b.shape[0], -1, e).permute(2, 0, 1))
+    ids = torch.randint(0, 512, (2, TOKENS // 2))
+
+    def step(model):
+        return lambda: model(input_ids=ids, labels=ids).loss.backward()
+
+    with torch.no_grad():
+        diff = (ours(input_ids=ids).logits - theirs(input_ids=ids).logits).abs().max().item()
+    variants = (("frozen", frozen, True), ("expert_lora", ours, True), ("target_parameters", theirs, True), ("target_parameters_stock", theirs, False))
+    times = {name: float("inf") for name, _, _ in variants}
+    for _ in range(rounds):  # interleaved, so drift in machine load hits every variant
+        for name, model, fast in variants:
+            use_fast_experts(fast)  # stock: transformers' own per-expert loop, as a TRL + PEFT user runs it
+            model.zero_grad(set_to_none=True)
+            times[name] = min(times[name], best(step(model), 1))
+    use_fast_experts()
+    print(f"expert LoRA r8 on both banks, {layers}-layer JetMoE (hidden {HIDDEN}, expert width {WIDTH}), {TOKENS} tokens, fp32, forward + backward")
+    print(f"  frozen base {times['frozen']:.2f} s, expert LoRA {times['expert_lora']:.2f} s")
+    print(f"  PEFT target_parameters: {times['target_parameters_stock']:.2f} s with transformers' expert loop (stock), {times['target_parameters']:.2f} s on our grouped experts")
+    print(f"  expert LoRA / frozen: {times['expert_lora'] / times['frozen']:.2f}x")
+    print(f"  stock PEFT target_parameters / expert LoRA: {times['target_parameters_stock'] / times['expert_lora']:.2f}x   (on our grouped experts: {times['target_parameters'] / times['expert_lora']:.2f}x)")
+    print(f"  max |logits difference| expert LoRA vs target_parameters: {diff:.2e}")
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--layers", type=int, default=2)
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    four_bit(args.rounds)
+    lora_step(args.rounds, args.layers)
+
+
+if __name__ == "__main__":
+    main()
