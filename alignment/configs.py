@@ -89,9 +89,18 @@ def build(values: dict, classes: tuple, where: str) -> tuple:
     return tuple(built)
 
 
+# keys of alignment-handbook recipes that TRL / transformers now spell differently
+ALIASES = {"torch_dtype": "dtype", "preprocessing_num_workers": "dataset_num_proc", "warmup_ratio": "warmup_steps"}  # a float below 1 is a ratio
+
+
+def resolve(path: str | Path, overrides: dict) -> dict:
+    """The recipe's keys with the command line's on top, handbook aliases renamed."""
+    return {ALIASES.get(k, k): v for k, v in {**read_yaml(path), **overrides}.items()}
+
+
 def load_recipe(path: str | Path, overrides: dict, classes: tuple) -> tuple[tuple, dict]:
     """Returns (instances, resolved values). The resolved values are what gets written beside the output."""
-    values = {**read_yaml(path), **overrides}
+    values = resolve(path, overrides)
     return build(values, classes, str(path)), values
 
 

@@ -32,16 +32,19 @@ def _read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
-def _from_datasets(dataset) -> list[dict]:
+def _from_datasets(dataset, split: str | None = None, where: str = "") -> list[dict]:
     from datasets import DatasetDict
 
     if isinstance(dataset, DatasetDict):
-        splits = [s for s in dataset if s.startswith("train")] or list(dataset)
+        if split is not None and split not in dataset:
+            raise SmoeError(f"no split {split!r} (found {sorted(dataset)})", where, "name one of the splits it has")
+        splits = [split] if split else ([s for s in dataset if s.startswith("train")] or list(dataset))
         dataset = dataset[splits[0]]
     return dataset.to_list()
 
 
-def read_rows(source: str | Path) -> list[dict]:
+def read_rows(source: str | Path, split: str | None = None) -> list[dict]:
+    """Rows of a dataset; `split` picks a split of a `datasets` directory or hub dataset (else the first train split)."""
     path = Path(source)
     if path.is_dir():
         if (path / DATA_FILE).is_file():
@@ -49,7 +52,7 @@ def read_rows(source: str | Path) -> list[dict]:
         if any((path / name).is_file() for name in ("dataset_info.json", "dataset_dict.json", "state.json")):
             from datasets import load_from_disk
 
-            return _from_datasets(load_from_disk(str(path)))
+            return _from_datasets(load_from_disk(str(path)), split, str(path))
         files = sorted(path.glob("*.jsonl")) + sorted(path.glob("*.parquet"))
         if not files:
             raise SmoeError("no dataset found in this directory", str(path), f"point at a stage output (with {DATA_FILE}), a JSONL/Parquet file or a saved `datasets` directory")
@@ -69,10 +72,33 @@ def read_rows(source: str | Path) -> list[dict]:
         from datasets import load_dataset
 
         try:
-            return _from_datasets(load_dataset(str(source)))
+            return _from_datasets(load_dataset(str(source)), split, str(source))
         except Exception as err:  # offline with no cache, or no such dataset
             raise SmoeError(f"cannot load hub dataset ({err.__class__.__name__}: {err})", str(source), "download it once, or point at a local copy") from None
     raise SmoeError("dataset not found", str(source), "give a .jsonl/.parquet file, a directory, or a hub id")
+
+
+def read_mixture(mixture: dict, where: str) -> list[dict]:
+    """alignment-handbook's `dataset_mixture`: {datasets: [{id, split, columns, weight}], seed}.
+
+    `id` is a local path or a hub id; `weight` keeps that fraction of the dataset's rows (after a seeded
+    shuffle); the mixture is shuffled with the same seed.
+    """
+    import random
+
+    if not isinstance(mixture, dict) or not isinstance(mixture.get("datasets"), list) or not mixture["datasets"]:
+        raise SmoeError("dataset_mixture needs a non-empty `datasets` list", where, "write datasets: [{id: PATH_OR_HUB_ID, split: train, weight: 1.0}]")
+    rng, rows = random.Random(mixture.get("seed", 0)), []
+    for i, entry in enumerate(mixture["datasets"]):
+        if "id" not in entry:
+            raise SmoeError(f"dataset_mixture.datasets[{i}] has no `id`", where, "give the dataset's path or hub id as id")
+        found = read_rows(entry["id"], entry.get("split"))
+        if entry.get("columns"):
+            found = [{k: row[k] for k in entry["columns"] if k in row} for row in found]
+        rng.shuffle(found)
+        rows += found[: round(entry.get("weight", 1.0) * len(found))]
+    rng.shuffle(rows)
+    return rows
 
 
 def check_messages(messages, where: str, row: int, field: str = "messages") -> list[dict]:

@@ -12,15 +12,14 @@ from dataclasses import dataclass
 from datasets import Dataset
 from trl import DPOConfig, DPOTrainer, ModelConfig
 
-from alignment.data import read_rows, to_preference
+from alignment.data import to_preference
 from alignment.models.router import MoEArgs, RouterLossMixin, attach_router_losses
-from alignment.train_common import load_student, take_trl_router_coef, train_and_save
+from alignment.train_common import DataArgs, load_student, take_trl_router_coef, train_and_save
 
 
 @dataclass
-class DPODataArgs:
-    dataset_path: str = ""
-    max_train_samples: int | None = None
+class DPODataArgs(DataArgs):
+    pass
 
 
 RECIPE_CLASSES = (DPODataArgs, DPOConfig, ModelConfig, MoEArgs)
@@ -32,9 +31,9 @@ class MoEDPOTrainer(RouterLossMixin, DPOTrainer):
 
 def run(data_args: DPODataArgs, training_args: DPOConfig, model_args: ModelConfig, moe: MoEArgs):
     started = time.time()
-    rows = read_rows(data_args.dataset_path)[: data_args.max_train_samples]
-    dataset = Dataset.from_list([to_preference(r, data_args.dataset_path, i) for i, r in enumerate(rows, 1)])
-    model, tokenizer, peft_config = load_student(model_args)
+    rows, where = data_args.rows()
+    dataset = Dataset.from_list([to_preference(r, where, i) for i, r in enumerate(rows, 1)])
+    model, tokenizer, peft_config = load_student(model_args, data_args)
     take_trl_router_coef(training_args, moe, model)
     trainer = MoEDPOTrainer(model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config)
     attach_router_losses(trainer, moe)

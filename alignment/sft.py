@@ -11,16 +11,14 @@ from dataclasses import dataclass
 from datasets import Dataset
 from trl import ModelConfig, SFTConfig, SFTTrainer
 
-from alignment.data import read_rows, to_conversation
+from alignment.data import to_conversation
 from alignment.models.router import MoEArgs, RouterLossMixin, attach_router_losses
-from alignment.train_common import load_student, take_trl_router_coef, train_and_save
+from alignment.train_common import DataArgs, load_student, take_trl_router_coef, train_and_save
 
 
 @dataclass
-class SFTDataArgs:
-    dataset_path: str = ""
+class SFTDataArgs(DataArgs):
     messages_field: str = "messages"  # `chosen` trains on a preference set's chosen conversations
-    max_train_samples: int | None = None
 
 
 RECIPE_CLASSES = (SFTDataArgs, SFTConfig, ModelConfig, MoEArgs)
@@ -31,14 +29,14 @@ class MoESFTTrainer(RouterLossMixin, SFTTrainer):
 
 
 def load_sft_dataset(args: SFTDataArgs) -> Dataset:
-    rows = read_rows(args.dataset_path)[: args.max_train_samples]
-    return Dataset.from_list([{"messages": to_conversation(r, args.messages_field, args.dataset_path, i)} for i, r in enumerate(rows, 1)])
+    rows, where = args.rows()
+    return Dataset.from_list([{"messages": to_conversation(r, args.messages_field, where, i)} for i, r in enumerate(rows, 1)])
 
 
 def run(data_args: SFTDataArgs, training_args: SFTConfig, model_args: ModelConfig, moe: MoEArgs):
     started = time.time()
     dataset = load_sft_dataset(data_args)
-    model, tokenizer, peft_config = load_student(model_args)
+    model, tokenizer, peft_config = load_student(model_args, data_args)
     take_trl_router_coef(training_args, moe, model)
     trainer = MoESFTTrainer(model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config)
     attach_router_losses(trainer, moe)
