@@ -81,3 +81,13 @@ def test_sft_and_dpo_log_router_losses_and_reload_cleanly(micro_model, tmp_path,
     assert main(["dpo", "--config", "recipes/tiny/dpo.yaml", "--model_name_or_path", str(sft), "--dataset_path", str(pairs), "--output_dir", str(dpo), *fast, *flags]) == 0
     logs = [h for h in read_manifest(dpo)["log_history"] if "loss" in h]
     assert len(logs) == 2 and all("router/z_loss" in h and "rewards/margins" in h for h in logs)
+
+
+def test_full_dpo_with_precomputed_reference_log_probs(micro_model, tmp_path):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join('{"prompt": "sort 321", "chosen": "Answer: 123", "rejected": "Answer: 13%d"}\n' % i for i in range(8)))
+    out = tmp_path / "dpo"
+    args = ["--model_name_or_path", micro_model, "--dataset_path", str(pairs), "--output_dir", str(out), "--precompute_ref_log_probs", "true"]
+    assert main(["dpo", "--config", "recipes/tiny/dpo.yaml", *args, "--max_steps", "2", "--logging_steps", "1", "--report_to", "none", "--per_device_train_batch_size", "4"]) == 0
+    logs = [h for h in read_manifest(out)["log_history"] if "loss" in h]
+    assert len(logs) == 2 and logs[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)  # policy == reference at step 1
