@@ -42,7 +42,7 @@ is better, [[C]] for a tie.
 [Reply B]
 {answer_b}"""
 
-RATING_RE = re.compile(r"\[\[(\d+(?:\.\d+)?)\]\]")
+RATINGS = (re.compile(r"\[\[(\d+\.?\d*)\]\]"), re.compile(r"\[(\d+\.?\d*)\]"))  # [[N]], else FastChat's fallback [N]
 VERDICT_RE = re.compile(r"\[\[([ABC])\]\]")
 
 
@@ -51,12 +51,23 @@ def render(messages: list[dict]) -> str:
 
 
 def parse_rating(text: str | None) -> float | None:
-    """The last `[[N]]` in the judge's text, if it is a rating between 1 and 10."""
-    found = RATING_RE.findall(text or "")
-    if not found:
+    """The last `[[N]]` (else `[N]`) in the judge's text, if it is a rating between 0 and 10."""
+    for pattern in RATINGS:
+        found = pattern.findall(text or "")
+        if found:
+            value = float(found[-1])
+            return value if 0 <= value <= 10 else None
+    return None
+
+
+SWAP = {"A": "B", "B": "A", "C": "C", None: None}
+
+
+def combine_orders(first: str | None, second: str | None) -> str | None:
+    """Verdict on (a, b) from a judge asked as (a, b) and then as (b, a): a disagreement is a tie 'C'."""
+    if first is None or second is None:
         return None
-    value = float(found[-1])
-    return value if 1 <= value <= 10 else None
+    return first if first == SWAP[second] else "C"
 
 
 def parse_verdict(text: str | None) -> str | None:
@@ -105,12 +116,8 @@ class TeacherJudge:
         texts = self._ask(prompts)
         out = []
         for i in range(0, len(texts), 2):
-            first, second = parse_verdict(texts[i]), parse_verdict(texts[i + 1])
-            if first is None or second is None:
-                out.append((None, texts[i] or texts[i + 1] or ""))
-                continue
-            swapped = {"A": "B", "B": "A", "C": "C"}[second]
-            out.append((first if first == swapped else "C", f"{texts[i]}\n---\n{texts[i + 1]}"))
+            verdict = combine_orders(parse_verdict(texts[i]), parse_verdict(texts[i + 1]))
+            out.append((verdict, f"{texts[i]}\n---\n{texts[i + 1]}"))
         return out
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from alignment.data import read_rows
 from alignment.errors import SmoeError
 from teacher_data import skills
+from teacher_data.judge import SWAP, combine_orders, parse_rating, parse_verdict
 from teacher_data.teachers import Sampling, make_teacher
 
 MT_BENCH_CATEGORIES = ("writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities")
@@ -62,9 +63,6 @@ DEFAULT_PROMPTS = {
     ),
 }
 
-RATING = (re.compile(r"\[\[(\d+\.?\d*)\]\]"), re.compile(r"\[(\d+\.?\d*)\]"))
-VERDICT = re.compile(r"\[\[([ABC])\]\]")
-SWAP = {"A": "B", "B": "A", "C": "C", None: None}
 
 
 def skills_questions(split: str, per_skill: int, seed: int) -> list[dict]:
@@ -149,20 +147,6 @@ def answer_rows(model_id: str, answers: dict) -> list[dict]:
         {"question_id": qid, "answer_id": hashlib.sha1(f"{model_id}:{qid}".encode()).hexdigest()[:22], "model_id": model_id, "choices": [{"index": 0, "turns": turns}], "tstamp": time.time()}
         for qid, turns in answers.items()
     ]
-
-
-def parse_rating(text: str | None) -> float | None:
-    for pattern in RATING:
-        found = pattern.findall(text or "")
-        if found:
-            value = float(found[-1])
-            return value if 0 <= value <= 10 else None
-    return None
-
-
-def parse_verdict(text: str | None) -> str | None:
-    found = VERDICT.findall(text or "")
-    return found[-1] if found else None
 
 
 class CachedJudge:
@@ -295,14 +279,8 @@ def grade_pairs(judge: CachedJudge, prompts, questions, mine, baseline, referenc
                 texts = tuple(judge.ask([first, second]))
                 verdicts = tuple(parse_verdict(t) for t in texts)
             rows.append({"question_id": q["question_id"], "category": q["category"], "turn": turn, "judge_prompt": name, "verdicts": verdicts, "judgment": list(texts), "length_diff": len(a[turn - 1]) - len(b[turn - 1])})
-    for row in rows:
-        first, second = row["verdicts"]
-        if first is None or second is None:
-            row["outcome"] = None  # unparsed: counted, excluded
-        else:
-            as_a = {"A": 1.0, "B": 0.0, "C": 0.5}[first]
-            as_b = {"A": 0.0, "B": 1.0, "C": 0.5}[second]
-            row["outcome"] = as_a if as_a == as_b else 0.5  # the two orders disagree: a tie
+    for row in rows:  # unparsed: None, counted and excluded; the two orders disagreeing: a tie
+        row["outcome"] = {"A": 1.0, "B": 0.0, "C": 0.5, None: None}[combine_orders(*row["verdicts"])]
     return rows
 
 
