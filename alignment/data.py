@@ -43,6 +43,12 @@ def _from_datasets(dataset, split: str | None = None, where: str = "") -> list[d
     return dataset.to_list()
 
 
+def is_hub_id(source: str | Path) -> bool:
+    """`owner/name` that is not a local path: something to fetch from the hub (or its cache)."""
+    text = str(source)
+    return not Path(text).exists() and text.count("/") == 1 and not text.startswith((".", "/"))
+
+
 def read_rows(source: str | Path, split: str | None = None) -> list[dict]:
     """Rows of a dataset; `split` picks a split of a `datasets` directory or hub dataset (else the first train split)."""
     path = Path(source)
@@ -68,7 +74,7 @@ def read_rows(source: str | Path, split: str | None = None) -> list[dict]:
         from datasets import Dataset
 
         return Dataset.from_parquet(str(path)).to_list()
-    if "/" in str(source) and not path.exists() and not str(source).startswith((".", "/")):
+    if is_hub_id(source):
         from datasets import load_dataset
 
         try:

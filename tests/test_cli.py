@@ -36,6 +36,7 @@ def test_malformed_row_names_the_row(tmp_path, capsys):
     (["sft"], "no recipe given"),
     (["teacher-prefs", "--config", "recipes/tiny/teacher_prefs.yaml", "--binarize", "coin_flip"], "choose one of"),
     (["teacher-sft", "--config", "recipes/tiny/teacher_sft.yaml", "--teacher", "{backend: oracle}"], "unknown teacher backend 'oracle'"),
+    (["eval", "--config", "recipes/tiny/eval.yaml", "--models", "[{name: x, path: runs/none/model}]"], "runs/none/model: model not found"),
 ])
 def test_bad_invocations(args, message, capsys, tmp_path):
     if "--config" in args:

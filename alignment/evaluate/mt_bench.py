@@ -170,7 +170,8 @@ class CachedJudge:
 
     def ask(self, requests: list[tuple[str, str]]) -> list[str | None]:
         """(system, prompt) pairs -> the judge's texts; only what is not cached is sent."""
-        todo = sorted({self.key(s, p): (s, p) for s, p in requests if self.key(s, p) not in self.cache}.items())
+        keys = [self.key(s, p) for s, p in requests]
+        todo = sorted({k: r for k, r in zip(keys, requests) if k not in self.cache}.items())
         if todo:
             conversations = [([{"role": "system", "content": s}] if s else []) + [{"role": "user", "content": p}] for _, (s, p) in todo]
             out = self.teacher.complete(conversations, Sampling(temperature=0.0, max_new_tokens=self.max_new_tokens))
@@ -180,7 +181,7 @@ class CachedJudge:
                     if answer.text is not None:  # a failed request is not cached: a rerun retries it
                         self.cache[key] = answer.text
                         f.write(json.dumps({"key": key, "output": answer.text}) + "\n")
-        return [self.cache.get(self.key(s, p)) for s, p in requests]
+        return [self.cache.get(k) for k in keys]
 
 
 def exact_rating(question: str, answer: str) -> float | None:

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from alignment.data import is_hub_id
 from alignment.errors import SmoeError
 from alignment.models.experts import use_fast_experts
 
@@ -23,8 +24,14 @@ def _dtype(name: str | None):
     return getattr(torch, name)
 
 
+def check_model_path(path: str):
+    if not Path(path).exists() and not is_hub_id(path):
+        raise SmoeError("model not found", path, "run the stage that writes it first, or fix the path")
+
+
 def load_causal_lm(path: str, dtype: str | None = None, **kwargs):
     """A model directory, a hub id, or a PEFT adapter directory (merged into its base)."""
+    check_model_path(path)
     adapter_config = Path(path) / "adapter_config.json"
     try:
         if adapter_config.is_file():
@@ -49,10 +56,14 @@ def load_causal_lm(path: str, dtype: str | None = None, **kwargs):
 
 
 def load_tokenizer(path: str):
+    check_model_path(path)
     adapter_config = Path(path) / "adapter_config.json"
     if adapter_config.is_file() and not (Path(path) / "tokenizer_config.json").is_file():
         path = json.loads(adapter_config.read_text())["base_model_name_or_path"]
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except OSError as err:
+        raise SmoeError(f"cannot load the tokenizer ({err})", path, "point at a model directory that holds its tokenizer, or a hub id") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
