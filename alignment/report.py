@@ -16,6 +16,14 @@ def _series(log_history: list[dict], key: str):
     return [p[0] for p in points], [p[1] for p in points]
 
 
+def grouped_bars(ax, series: dict, labels: list[str], **ticks):
+    """One bar per label for each named series of values, side by side."""
+    width = 0.8 / max(1, len(series))
+    for i, (name, values) in enumerate(series.items()):
+        ax.bar([x + i * width for x in range(len(labels))], values, width, label=name)
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(labels))], labels, **ticks)
+
+
 def plot(stage_logs: dict, results: dict, path: Path):
     import matplotlib
 
@@ -43,12 +51,9 @@ def plot(stage_logs: dict, results: dict, path: Path):
     ax.set(title="DPO reward accuracy", xlabel="step", ylim=(0, 1.05))
     ax.legend(fontsize=8)
     ax = axes[1][1]
-    skills = sorted({s for r in results.values() for s in r["accuracy"]}) + ["mean"]
-    width = 0.8 / max(1, len(results))
-    for i, (name, r) in enumerate(results.items()):
-        values = [r["accuracy"].get(s, 0.0) for s in skills[:-1]] + [r["mean_accuracy"]]
-        ax.bar([x + i * width for x in range(len(skills))], values, width, label=name)
-    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(skills))], skills)
+    skills = sorted({s for r in results.values() for s in r["accuracy"]})
+    series = {name: [r["accuracy"].get(s, 0.0) for s in skills] + [r["mean_accuracy"]] for name, r in results.items()}
+    grouped_bars(ax, series, skills + ["mean"])
     ax.set(title="held-out exact-match accuracy per stage (%)", ylim=(0, 130))
     ax.legend(fontsize=7, ncol=3, loc="upper center")
     fig.tight_layout()

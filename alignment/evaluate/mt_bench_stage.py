@@ -6,6 +6,7 @@ from pathlib import Path
 
 from alignment.evaluate import mt_bench as mt
 from alignment.manifest import write_manifest
+from alignment.report import grouped_bars
 from teacher_data.store import write_jsonl
 
 
@@ -75,10 +76,7 @@ def plot_categories(scores: dict, path: Path):
 
     categories = sorted({c for s in scores.values() for c in s})
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(categories)), 4))
-    width = 0.8 / max(1, len(scores))
-    for i, (name, per_category) in enumerate(scores.items()):
-        ax.bar([x + i * width for x in range(len(categories))], [per_category.get(c) or 0 for c in categories], width, label=name)
-    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(categories))], categories, rotation=30)
+    grouped_bars(ax, {name: [per_category.get(c) or 0 for c in categories] for name, per_category in scores.items()}, categories, rotation=30)
     ax.set(title="mean judge score per category", ylim=(0, 10.5), ylabel="score (1-10)")
     ax.legend(fontsize=8)
     fig.tight_layout()
