@@ -16,6 +16,7 @@ STAGES = {
     "sft": ("alignment.sft", "RECIPE_CLASSES", "run"),
     "teacher-prefs": ("teacher_data.preferences", "TeacherPrefsArgs", "run"),
     "dpo": ("alignment.dpo", "RECIPE_CLASSES", "run"),
+    "quantize": ("alignment.models.quant", "QuantizeArgs", "run"),
     "eval": ("alignment.evaluate.stage", "EvalArgs", "run"),
     "pipeline": ("alignment.pipeline", "PipelineArgs", "run"),
 }

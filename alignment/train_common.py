@@ -10,7 +10,7 @@ from alignment.errors import SmoeError
 from alignment.manifest import write_manifest
 from alignment.models.jetmoe import load_causal_lm, load_tokenizer
 from alignment.models.lora import expert_lora_config
-from alignment.models.quant import quantize_experts
+from alignment.models.quant import is_quantized, quantize_experts
 
 
 @dataclass
@@ -43,9 +43,9 @@ def load_student(model_args: ModelConfig, data_args: DataArgs):
     if model.config.model_type == "jetmoe":
         if peft_config is not None:
             expert_lora_config(peft_config)  # lora_target_modules may name the expert banks: input_linear, output_linear
-        if model_args.load_in_4bit:  # QLoRA: the expert banks in NF4 (stock 4-bit loading leaves them untouched)
-            if peft_config is None:
-                raise SmoeError("load_in_4bit trains adapters only", "recipe", "set use_peft: true with lora_target_modules")
+        if (model_args.load_in_4bit or is_quantized(model)) and peft_config is None:
+            raise SmoeError("4-bit expert banks train adapters only", "recipe key load_in_4bit (or a 4-bit model_name_or_path)", "set use_peft: true with lora_target_modules")
+        if model_args.load_in_4bit and not is_quantized(model):  # QLoRA: the expert banks in NF4 (stock 4-bit loading leaves them untouched)
             quantize_experts(model, compute_dtype=model.dtype)
     tokenizer = load_tokenizer(model_args.model_name_or_path)
     if data_args.chat_template:

@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from alignment.data import is_hub_id
 from alignment.errors import SmoeError
 from alignment.models.experts import use_fast_experts
+from alignment.models.quant import dequantize_experts, is_quantized, is_quantized_checkpoint, load_quantized
 
 
 def _dtype(name: str | None):
@@ -73,12 +74,16 @@ def load_causal_lm(path: str, dtype: str | None = None, _depth: int = 0, **kwarg
             from alignment.models.lora import expert_lora_config
 
             model = load_causal_lm(base, dtype, _depth + 1, **kwargs)
+            if is_quantized(model):  # an adapter trained on NF4 experts merges into them dequantised
+                dequantize_experts(model)
             config = LoraConfig.from_pretrained(path)
             if model.config.model_type == "jetmoe":
                 expert_lora_config(config)
             model = PeftModel.from_pretrained(model, path, config=config).merge_and_unload()
             model.requires_grad_(True)  # PEFT froze the base; a full fine-tune of the merged model trains all of it
             model.name_or_path = model.config.name_or_path = str(path)  # an adapter trained on it records the chain
+        elif is_quantized_checkpoint(path):
+            model = load_quantized(path, **kwargs)
         else:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(dtype), **kwargs)
     except OSError as err:
