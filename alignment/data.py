@@ -49,7 +49,7 @@ def is_hub_id(source: str | Path) -> bool:
     return not Path(text).exists() and text.count("/") == 1 and not text.startswith((".", "/"))
 
 
-def read_rows(source: str | Path, split: str | None = None) -> list[dict]:
+def read_rows(source: str | Path, split: str | None = None, config: str | None = None) -> list[dict]:
     """Rows of a dataset; `split` picks a split of a `datasets` directory or hub dataset (else the first train split)."""
     path = Path(source)
     if path.is_dir():
@@ -78,7 +78,7 @@ def read_rows(source: str | Path, split: str | None = None) -> list[dict]:
         from datasets import load_dataset
 
         try:
-            return _from_datasets(load_dataset(str(source)), split, str(source))
+            return _from_datasets(load_dataset(str(source), config), split, str(source))
         except Exception as err:  # offline with no cache, or no such dataset
             raise SmoeError(f"cannot load hub dataset ({err.__class__.__name__}: {err})", str(source), "download it once, or point at a local copy") from None
     raise SmoeError("dataset not found", str(source), "give a .jsonl/.parquet file, a directory, or a hub id")
@@ -98,7 +98,9 @@ def read_mixture(mixture: dict, where: str) -> list[dict]:
     for i, entry in enumerate(mixture["datasets"]):
         if "id" not in entry:
             raise SmoeError(f"dataset_mixture.datasets[{i}] has no `id`", where, "give the dataset's path or hub id as id")
-        found = read_rows(entry["id"], entry.get("split"))
+        if entry.get("config") not in (None, "default") and not is_hub_id(entry["id"]):
+            raise SmoeError(f"dataset_mixture.datasets[{i}] names config {entry['config']!r}, but a local dataset has no configs", where, "drop `config`, or point `id` at that configuration's own files")
+        found = read_rows(entry["id"], entry.get("split"), entry.get("config"))
         if entry.get("columns"):
             found = [{k: row[k] for k in entry["columns"] if k in row} for row in found]
         rng.shuffle(found)

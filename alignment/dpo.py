@@ -17,7 +17,7 @@ from trl import DPOConfig, DPOTrainer, ModelConfig
 
 from alignment.data import to_preference
 from alignment.models.router import MoEArgs, RouterLossMixin, attach_router_losses
-from alignment.train_common import DataArgs, load_student, take_trl_router_coef, train_and_save
+from alignment.train_common import DataArgs, check_evaluation, load_student, take_trl_router_coef, train_and_save
 
 
 @dataclass
@@ -46,13 +46,15 @@ def end_at_eos(ids: list[int], eos: int | None) -> list[int]:
 
 def run(data_args: DPODataArgs, training_args: DPOConfig, model_args: ModelConfig, moe: MoEArgs):
     started = time.time()
-    rows, where = data_args.rows()
-    dataset = Dataset.from_list([to_preference(r, where, i) for i, r in enumerate(rows, 1)])
+    train, held_out, where = data_args.rows()
+    check_evaluation(training_args, held_out)
+    dataset = Dataset.from_list([to_preference(r, where, i) for i, r in enumerate(train, 1)])
+    eval_dataset = Dataset.from_list([to_preference(r, f"{where} (evaluation rows)", i) for i, r in enumerate(held_out, 1)]) if held_out else None
     model, tokenizer, peft_config = load_student(model_args, data_args)
     take_trl_router_coef(training_args, moe, model)
     # TRL would reload the reference from the path in the model's config, which for a merged adapter is not this model
     needs_reference = peft_config is None and not training_args.precompute_ref_log_probs
     ref_model = copy.deepcopy(model).eval().requires_grad_(False) if needs_reference else None
-    trainer = MoEDPOTrainer(model=model, ref_model=ref_model, args=training_args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config)
+    trainer = MoEDPOTrainer(model=model, ref_model=ref_model, args=training_args, train_dataset=dataset, eval_dataset=eval_dataset, processing_class=tokenizer, peft_config=peft_config)
     attach_router_losses(trainer, moe)
     return train_and_save(trainer, "dpo", started, rows=len(dataset))
