@@ -1,14 +1,15 @@
 """What the sft and dpo stages share: training data, model set-up, resuming, and the manifest after training."""
 
+import shutil
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
-from transformers.trainer_utils import get_last_checkpoint
 from trl import ModelConfig, get_peft_config
 
 from alignment.data import read_mixture, read_rows
 from alignment.errors import SmoeError
-from alignment.manifest import write_manifest
+from alignment.manifest import is_main_process, write_manifest
 from alignment.models.jetmoe import adapter_base, load_causal_lm, load_tokenizer, root_model
 from alignment.models.lora import expert_lora_config
 from alignment.models.quant import is_quantized, quantize_experts
@@ -125,10 +126,23 @@ def take_trl_router_coef(training_args, moe, model):
         training_args.router_aux_loss_coef = None
 
 
+def last_complete_checkpoint(output_dir: str) -> str | None:
+    """The newest checkpoint written to its end: trainer_state.json is the last file the trainer writes into
+    one. Those cut off while being written are removed, so that neither resuming nor rotation picks them."""
+    checkpoints = sorted(Path(output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit() else -1)
+    for checkpoint in reversed(checkpoints):
+        if (checkpoint / "trainer_state.json").is_file():
+            return str(checkpoint)
+        if is_main_process():
+            print(f"[resume] {checkpoint} was cut off while being written; removing it", file=sys.stderr)
+            shutil.rmtree(checkpoint, ignore_errors=True)
+    return None
+
+
 def train_and_save(trainer, stage: str, started: float, **info):
     """Resume from the newest checkpoint if a run was cut off, then save the model and the manifest."""
     output_dir = trainer.args.output_dir
-    trainer.train(resume_from_checkpoint=get_last_checkpoint(output_dir))
+    trainer.train(resume_from_checkpoint=last_complete_checkpoint(output_dir))
     trainer.save_model(output_dir)
     logs = trainer.state.log_history
     if trainer.is_world_process_zero():  # under torchrun / accelerate every rank runs this

@@ -59,13 +59,13 @@ HANDBOOK = "tests/fixtures/handbook"
 
 @pytest.fixture(scope="module")
 def tiny_bases(tmp_path_factory):
-    """Random-init Mistral and Mixtral models of a few thousand parameters, with the project's tokenizer."""
+    """Random-init Mistral and Mixtral models with the project's tokenizer (hidden 64: bitsandbytes' CPU kernel wants a block of 64)."""
     from transformers import MistralConfig, MistralForCausalLM, MixtralConfig, MixtralForCausalLM
 
     from alignment.models.tiny import build_tokenizer
 
     root, tokenizer = tmp_path_factory.mktemp("bases"), build_tokenizer()
-    shape = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    shape = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     bases = {"zephyr-7b-beta": MistralForCausalLM(MistralConfig(**shape)), "mixtral-8x7b": MixtralForCausalLM(MixtralConfig(**shape, num_local_experts=4, num_experts_per_tok=2))}
     for family, model in bases.items():
         model.save_pretrained(root / family)
