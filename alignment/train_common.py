@@ -5,6 +5,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from trl import ModelConfig, get_peft_config
 
 from alignment.data import read_mixture, read_rows
@@ -59,9 +60,10 @@ def hold_out(rows: list[dict], size: int | float | None) -> tuple[list[dict], li
 
 
 def check_evaluation(training_args, held_out: list[dict]):
-    if str(training_args.eval_strategy) not in ("no", "IntervalStrategy.NO") and not held_out:
+    strategy = getattr(training_args.eval_strategy, "value", training_args.eval_strategy)  # an enum once parsed
+    if strategy != "no" and not held_out:
         raise SmoeError(
-            f"eval_strategy is {training_args.eval_strategy} but there are no evaluation rows",
+            f"eval_strategy is {strategy} but there are no evaluation rows",
             "recipe key eval_strategy",
             "set dataset_mixture.test_split_size, test splits in dataset_splits, or eval_dataset_path; or eval_strategy: no",
         )
@@ -71,6 +73,8 @@ def load_student(model_args: ModelConfig, data_args: DataArgs):
     path, peft_config = model_args.model_name_or_path, get_peft_config(model_args)
     if model_args.load_in_4bit and peft_config is None:
         raise SmoeError("4-bit weights train adapters only", "recipe key load_in_4bit", "set use_peft: true with lora_target_modules")
+    if model_args.dtype == "float16" and not torch.cuda.is_available():
+        raise SmoeError("float16 weights do not train on the CPU (autocast there is bfloat16 only)", "recipe key dtype (torch_dtype)", "use bfloat16 or float32 on the CPU")
     extra = {}
     if model_args.load_in_4bit and model_type(path) != "jetmoe":
         extra["quantization_config"] = linear_4bit_config(model_args, path)
@@ -100,7 +104,6 @@ def model_type(path: str) -> str | None:
 def linear_4bit_config(model_args: ModelConfig, path: str):
     """transformers' own 4-bit loading (NF4 nn.Linear layers) for models without JetMoE expert banks;
     routers and lm_head stay in full precision. 3-D fused expert weights are not nn.Linear: they stay too."""
-    import torch
     from transformers import BitsAndBytesConfig
 
     from alignment.models.quant import bitsandbytes

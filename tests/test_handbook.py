@@ -108,6 +108,9 @@ def test_handbook_recipes_run_as_published_with_only_paths_changed(family, metho
         start = str(sft)
     recipe = f"{HANDBOOK}/{family}/dpo_{method}.yaml"
     args = localised(recipe, str(hub_copies / "ultrafeedback_binarized"), model_name_or_path=start, output_dir=dpo)
+    if read_yaml(recipe)["torch_dtype"] == "float16":  # the published dpo QLoRA dtype; float16 does not train on a CPU
+        assert main(["dpo", "--config", recipe, *args, *SHORT, *EVAL]) == 2 and "float16 weights do not train on the CPU" in capsys.readouterr().err
+        args += ["--torch_dtype", "bfloat16"]
     assert main(["dpo", "--config", recipe, *args, *SHORT, *EVAL]) == 0, capsys.readouterr().err
     err = capsys.readouterr().err
     assert "'max_prompt_length' is ignored" in err
