@@ -28,7 +28,7 @@ class EvalArgs:
     prompts_per_skill: int = 500
     # mt_bench
     question_file: str | None = None  # or skills:heldout (prompts_per_skill two-turn questions per skill)
-    categories: list | None = None  # allowed categories; MT-Bench's eight when unset
+    categories: list | None = None  # restricts the question file to these categories; any category when unset
     max_questions: int | None = None
     judge: dict = field(default_factory=lambda: {"backend": "skills"})
     judge_prompts: str | None = None  # FastChat judge_prompts.jsonl; our own prompts when unset
