@@ -93,15 +93,15 @@ def build(values: dict, classes: tuple, where: str) -> tuple:
 ALIASES = {"torch_dtype": "dtype", "preprocessing_num_workers": "dataset_num_proc", "warmup_ratio": "warmup_steps"}  # a float below 1 is a ratio
 
 
-def resolve(path: str | Path, overrides: dict) -> dict:
-    """The recipe's keys with the command line's on top, handbook aliases renamed."""
-    return {ALIASES.get(k, k): v for k, v in {**read_yaml(path), **overrides}.items()}
+def resolve(path: str | Path | None, overrides: dict) -> dict:
+    """The recipe's keys (none without a recipe) with the command line's on top, handbook aliases renamed."""
+    return {ALIASES.get(k, k): v for k, v in {**(read_yaml(path) if path else {}), **overrides}.items()}
 
 
-def load_recipe(path: str | Path, overrides: dict, classes: tuple) -> tuple[tuple, dict]:
+def load_recipe(path: str | Path | None, overrides: dict, classes: tuple) -> tuple[tuple, dict]:
     """Returns (instances, resolved values). The resolved values are what gets written beside the output."""
     values = resolve(path, overrides)
-    return build(values, classes, str(path)), values
+    return build(values, classes, str(path) if path else "command line"), values
 
 
 def write_resolved(values: dict, output_dir: str | Path):

@@ -18,6 +18,7 @@ STAGES = {
     "dpo": ("alignment.dpo", "RECIPE_CLASSES", "run"),
     "eval": ("alignment.evaluate.stage", "EvalArgs", "run"),
     "pipeline": ("alignment.pipeline", "PipelineArgs", "run"),
+    "export": ("alignment.export", "ExportArgs", "run"),
 }
 
 
@@ -31,7 +32,7 @@ def output_dir_of(instances) -> str:
     return next(i.output_dir for i in instances if hasattr(i, "output_dir"))
 
 
-def run_stage(stage: str, config: str | Path, overrides: dict | None = None, force: bool = False):
+def run_stage(stage: str, config: str | Path | None, overrides: dict | None = None, force: bool = False):
     """Parse the recipe, skip a complete output, write the resolved recipe, run. Returns the output dir."""
     instances, values = load_recipe(config, overrides or {}, recipe_classes(stage))
     output_dir = output_dir_of(instances)
