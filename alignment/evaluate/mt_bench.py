@@ -131,17 +131,22 @@ def load_judge_prompts(path: str | None) -> dict:
     return prompts
 
 
-def answer_questions(spec: dict, questions: list[dict], max_new_tokens: int, seed: int) -> dict:
-    """{question_id: [answer per turn]}; turn k sees the model's own earlier answers."""
+def answer_questions(spec: dict, questions: list[dict], max_new_tokens: int, seed: int, temperature: float | None = None) -> dict:
+    """{question_id: [answer per turn]}; turn k sees the model's own earlier answers. One `temperature`
+    for every question, or FastChat's per category when it is None."""
     teacher = make_teacher(spec, f"model {spec.get('name')}")
     histories = {q["question_id"]: [] for q in questions}
+
+    def temperature_of(q):
+        return CATEGORY_TEMPERATURE.get(q["category"], DEFAULT_TEMPERATURE) if temperature is None else temperature
+
     for turn in range(max(len(q["turns"]) for q in questions)):
         asked = [q for q in questions if turn < len(q["turns"])]
-        for temperature in sorted({CATEGORY_TEMPERATURE.get(q["category"], DEFAULT_TEMPERATURE) for q in asked}):
-            group = [q for q in asked if CATEGORY_TEMPERATURE.get(q["category"], DEFAULT_TEMPERATURE) == temperature]
+        for t in sorted({temperature_of(q) for q in asked}):
+            group = [q for q in asked if temperature_of(q) == t]
             for q in group:
                 histories[q["question_id"]].append({"role": "user", "content": q["turns"][turn]})
-            out = teacher.complete([histories[q["question_id"]] for q in group], Sampling(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed))
+            out = teacher.complete([histories[q["question_id"]] for q in group], Sampling(temperature=t, max_new_tokens=max_new_tokens, seed=seed))
             for q, (answer,) in zip(group, out):
                 histories[q["question_id"]].append({"role": "assistant", "content": answer.text or ""})
     return {qid: [m["content"] for m in h if m["role"] == "assistant"] for qid, h in histories.items()}

@@ -23,7 +23,7 @@ def run(args):
     for entry in args.models:
         path = out / "model_answer" / f"{entry['name']}.jsonl"
         if not path.is_file():  # answers are kept, so a rerun only judges
-            found = mt.answer_questions(mt.model_spec(entry), questions, args.max_new_tokens, args.seed)
+            found = mt.answer_questions(mt.model_spec(entry), questions, args.max_new_tokens, args.seed, args.temperature)
             write_jsonl(mt.answer_rows(entry["name"], found), path)
         answers[entry["name"]] = mt.load_answer_file(str(path), ids, require_all=True)
 
