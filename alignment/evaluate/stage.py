@@ -7,6 +7,7 @@ benchmark: mt_bench  a question file in MT-Bench format: two-turn answers, singl
                      (turn 1, turn 2, overall, per category) and, with `baseline`, pairwise win rates
 benchmark: alpaca_eval  AlpacaEval 2: answers against `reference_outputs`, judged in both orders;
                      win rate and length-controlled win rate
+benchmark: ifeval    IFEval through lm-evaluation-harness on a local copy of its prompts (`question_file`)
 Models are `{name, path}` (a model or adapter directory, or hub id, run locally) or `{name, backend,
 ...}` for any teacher backend (an OpenAI-compatible endpoint, say). A model already answered or
 scored is not redone on a rerun.
@@ -14,7 +15,7 @@ scored is not redone on a rerun.
 
 from dataclasses import dataclass, field
 
-from alignment.evaluate import alpaca, mt_bench_stage, skills_eval
+from alignment.evaluate import alpaca, ifeval, mt_bench_stage, skills_eval
 
 
 @dataclass
@@ -29,7 +30,7 @@ class EvalArgs:
     prompts: str = "skills:heldout"
     prompts_per_skill: int = 500
     # mt_bench
-    question_file: str | None = None  # or skills:heldout (prompts_per_skill two-turn questions per skill)
+    question_file: str | None = None  # or skills:heldout (prompts_per_skill two-turn questions per skill); ifeval: its input_data.jsonl
     categories: list | None = None  # restricts the question file to these categories; any category when unset
     max_questions: int | None = None
     judge: dict = field(default_factory=lambda: {"backend": "skills"})
@@ -50,13 +51,15 @@ class EvalArgs:
             raise ValueError("models must be a list of {name, path} or {name, backend, ...} entries")
         if self.benchmark == "mt_bench" and not self.question_file:
             raise ValueError("benchmark mt_bench needs question_file (MT-Bench question.jsonl format)")
+        if self.benchmark == "ifeval" and not self.question_file:
+            raise ValueError("benchmark ifeval needs question_file (a local copy of IFEval's input_data.jsonl)")
         if self.benchmark == "alpaca_eval" and not self.reference_outputs:
             raise ValueError("benchmark alpaca_eval needs reference_outputs (an alpaca_eval outputs JSON file)")
         if self.baseline is not None and self.baseline not in {m["name"] for m in self.models}:
             raise ValueError(f"baseline {self.baseline!r} is not one of the models")
 
 
-RUNNERS = {"skills": skills_eval.run, "mt_bench": mt_bench_stage.run, "alpaca_eval": alpaca.run}
+RUNNERS = {"skills": skills_eval.run, "mt_bench": mt_bench_stage.run, "alpaca_eval": alpaca.run, "ifeval": ifeval.run}
 
 
 def run(args: EvalArgs):
