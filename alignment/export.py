@@ -60,7 +60,10 @@ def chat(argv: list[str]) -> int:
     parser.add_argument("--system", default=None, help="a system prompt")
     parser.add_argument("--dtype", default="float32")
     args = parser.parse_args(argv)
-    teacher = HFTeacher(args.model, batch_size=1, dtype=args.dtype)
+    try:
+        teacher = HFTeacher(args.model, batch_size=1, dtype=args.dtype)
+    except (OSError, ValueError) as err:  # a directory without a model or tokenizer in it
+        raise SmoeError(f"cannot load a model and tokenizer ({str(err).splitlines()[0]})", args.model, "point --model at a model directory (an exported one, say), an adapter or a hub id") from None
     sampling = Sampling(temperature=args.temperature, max_new_tokens=args.max_new_tokens)
     start = [{"role": "system", "content": args.system}] if args.system else []
     history = list(start)
