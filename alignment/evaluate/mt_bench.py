@@ -11,8 +11,8 @@ per category as FastChat does, 0.7 for a category it has no entry for.
 Grading is reference-guided for math, reasoning and coding when a reference answer exists. Pairwise
 verdicts are judged in both orders and a disagreement is a tie. Verdicts that cannot be parsed are
 counted and excluded, never guessed; the length-controlled win rate is AlpacaEval 2's model
-(`length_control`). Judgments are written in FastChat's `model_judgment` format too. Judgments are cached by (judge, prompt), so a rerun pays nothing
-twice.
+(`length_control`). Judgments are also written in FastChat's `model_judgment` format, which its
+show_result.py reads. They are cached by (judge, prompt), so a rerun pays nothing twice.
 """
 
 import hashlib
