@@ -114,7 +114,7 @@ def resolve(path: str | Path | None, overrides: dict) -> dict:
     return values
 
 
-def load_recipe(path: str | Path, overrides: dict, classes: tuple) -> tuple[tuple, dict]:
+def load_recipe(path: str | Path | None, overrides: dict, classes: tuple) -> tuple[tuple, dict]:
     """Returns (instances, resolved values). The resolved values are what gets written beside the output."""
     values = resolve(path, overrides)
     return build(values, classes, str(path) if path else "command line"), values

@@ -74,8 +74,8 @@ def write_report(outputs: dict, output_dir: str, started: float) -> dict:
             found = json.loads((Path(d) / "summary.json").read_text())
             if "models" in found:  # the skills benchmark
                 results.update(found["models"])
-            else:  # an MT-Bench-format benchmark: its own report goes in as a section
-                chat[name] = {"single": found["single"], "pairwise": found["pairwise"]}
+            else:  # a chat benchmark (MT-Bench format, AlpacaEval, IFEval): its own report goes in as a section
+                chat[name] = {k: found[k] for k in ("single", "pairwise", "alpaca_eval", "ifeval") if k in found}
                 section = (Path(d) / "report.md").read_text().replace("# ", "## ", 1)
                 chat_reports.append(section.replace("](report.png)", f"]({os.path.relpath(Path(d) / 'report.png', out)})"))
     mean = {name: r["mean_accuracy"] for name, r in results.items()}
