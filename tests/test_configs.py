@@ -60,7 +60,7 @@ def stage_of(recipe: str) -> str:
     stem = Path(recipe).stem.replace("_", "-")
     if stem in STAGES:
         return stem
-    return next(stage for stage in ("sft", "dpo") if stage in Path(recipe).parts or stem.startswith(stage))
+    return next(stage for stage in ("sft", "dpo", *STAGES) if stage in Path(recipe).parts or stem.startswith(stage))
 
 
 @pytest.mark.parametrize("recipe", sorted(str(p.relative_to(ROOT)) for p in (ROOT / "recipes").rglob("*.yaml") if "accelerate" not in p.parts))

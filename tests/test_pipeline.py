@@ -39,6 +39,8 @@ def micro_pipeline(root, micro_model, dpo_data):
     }
     recipe = yaml.safe_load(open("recipes/tiny/pipeline.yaml"))
     recipe["output_dir"] = str(root)
+    recipe["history"], recipe["readme"] = str(root / "history.jsonl"), str(root / "README.md")  # never the repository's
+    (root / "README.md").write_text("# demo\n<!-- tiny-demo:begin (written by the pipeline: do not edit) -->\nold\n<!-- tiny-demo:end -->\nafter\n")
     recipe["stages"] = [{**s, "overrides": overrides[s["name"]]} for s in recipe["stages"] if s["name"] in overrides]
     path = root / "pipeline.yaml"
     path.write_text(yaml.safe_dump(recipe))
@@ -71,6 +73,10 @@ def test_pipeline_runs_resumes_and_reports(tmp_path, micro_model, capsys):
     assert "| ddpo |" in report and "report.png" in report
     assert (tmp_path / "report.png").stat().st_size > 10_000
 
+    readme = (tmp_path / "README.md").read_text()  # the block now holds this run's table and machine, the rest is kept
+    assert "\nold\n" not in readme and "| ddpo |" in readme and "run 1:" in readme and readme.startswith("# demo\n") and readme.endswith("after\n")
+    assert len((tmp_path / "history.jsonl").read_text().splitlines()) == 1
+
     assert main(["pipeline", "--config", str(fixed)]) == 0  # everything complete: nothing redone
     assert capsys.readouterr().out.count("is complete, built from this recipe and these inputs; skipping") == 9
 
@@ -78,11 +84,10 @@ def test_pipeline_runs_resumes_and_reports(tmp_path, micro_model, capsys):
     recipe = yaml.safe_load(fixed.read_text())
     next(s for s in recipe["stages"] if s["name"] == "dsft")["overrides"]["learning_rate"] = 3e-4
     fixed.write_text(yaml.safe_dump(recipe))
-    old_eval = json.loads((tmp_path / "eval" / "results" / "dsft.json").read_text())
     assert main(["pipeline", "--config", str(fixed)]) == 0
     out = capsys.readouterr().out
     assert "rerunning " + str(tmp_path / "sft") + ": the recipe changed: learning_rate 0.001 -> 0.0003" in out
     assert out.count("is complete, built from this recipe and these inputs; skipping") == 2  # sft_data, control_data
     assert out.count("its input changed") == 6  # pref_data, ddpo, the two controls, eval, chat_eval: all that read dsft
     assert (tmp_path / "sft.previous" / "manifest.json").is_file()  # the old output set aside, not deleted
-    assert json.loads((tmp_path / "eval" / "results" / "dsft.json").read_text()) != old_eval
+    assert (tmp_path / "eval.previous" / "results" / "dsft.json").is_file() and (tmp_path / "eval" / "results" / "dsft.json").is_file()  # scored again

@@ -76,9 +76,9 @@ def test_dpo_moves_the_policy_and_logs_rewards(run):
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in logs if "loss" in h)
 
 
-def test_rerunning_a_complete_stage_is_a_no_op(run, capsys):
+def test_rerunning_a_complete_stage_is_a_no_op(run, micro_model, capsys):
     stamp = (run / "sft" / "model.safetensors").stat().st_mtime_ns
-    cli("sft", "--config", "recipes/tiny/sft.yaml", "--dataset_path", run / "sft_data", "--output_dir", run / "sft")
+    cli("sft", "--config", "recipes/tiny/sft.yaml", "--model_name_or_path", micro_model, "--dataset_path", run / "sft_data", "--output_dir", run / "sft", *TRAIN_FAST)
     assert "is complete, built from this recipe and these inputs; skipping" in capsys.readouterr().out
     assert (run / "sft" / "model.safetensors").stat().st_mtime_ns == stamp
 
