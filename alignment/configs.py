@@ -2,13 +2,17 @@
 
 A stage declares the dataclasses it reads (its own arguments plus TRL's `SFTConfig` / `DPOConfig` /
 `ModelConfig` where they apply, so keys keep their TRL / transformers names). `load_recipe` merges the
-YAML with `--key value` overrides, reports every unknown key at once with the closest known name, and
-turns the errors raised by the dataclasses' own checks into `SmoeError`s that name the recipe.
+YAML with `--key value` overrides, reports every unknown key at once with the closest known name, checks
+every value against its field's annotation and the range its name implies (before anything is loaded),
+and turns the errors raised by the dataclasses' own checks into `SmoeError`s that name the recipe.
 """
 
 import dataclasses
 import difflib
+import enum
 import re
+import types
+import typing
 from pathlib import Path
 
 import yaml
@@ -76,9 +80,95 @@ def check_keys(values: dict, known: set[str], where: str):
         )
 
 
-def build(values: dict, classes: tuple, where: str) -> tuple:
-    """Instantiate each dataclass from the keys it owns; keys may be shared (e.g. `seed`)."""
+# key pattern -> (lowest, highest, whether the lowest itself is allowed); the first match counts. A field's
+# own default always passes (max_steps -1 means "unset").
+RANGES = {
+    r"dropout$|^top_p$|^adam_beta\d$|^label_smoothing|mixup_alpha$|^ld_alpha$": (0, 1, True),
+    r"^(num_train_epochs|logging_steps|save_steps|eval_steps|beta|adam_epsilon|lora_alpha)$": (0, None, False),
+    r"rate$|^weight_decay$|^warmup_steps$|_coef$|^max_grad_norm$|seed$|_workers$|^temperature$|_margin$|_tau$|^eval_delay$|noise_alpha$|^prompts_per_skill$": (0, None, True),
+    r"batch_size$|accumulation_steps$|_sync_steps$|_cache_steps$|^max_|^num_|_size$|^lora_r$|_ngram$|_samples$|^seq_len$|^kv_channels$|^save_total_limit$|_prefetch_factor$|_timeout$|^dataset_num_proc$": (1, None, True),
+}
+_KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a mapping", list: "a list", type(None): "null"}
+_PLURALS = {bool: "true/false values", int: "integers", float: "numbers", str: "strings", dict: "mappings"}
+
+
+def _accepts(hint, value) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if any(isinstance(a, type) and issubclass(a, enum.Enum) for a in args):
+            args = [a for a in args if a is not str]  # `SchedulerType | str` takes the enum's values only
+        return any(_accepts(a, value) for a in args)
+    if origin is typing.Literal:
+        return value in args
+    if origin in (list, tuple) or hint in (list, tuple):
+        if not args:
+            return isinstance(value, list)
+        return all(_accepts(args[0], v) for v in (value if isinstance(value, list) else [value]))  # one value: a one-item list, as on the command line
+    if origin is dict or hint is dict:
+        return isinstance(value, dict)
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return isinstance(value, hint) or value in {e.value for e in hint}
+    if hint in (int, float):
+        return isinstance(value, (int, float) if hint is float else int) and not isinstance(value, bool)
+    return hint is typing.Any or not isinstance(hint, type) or isinstance(value, hint)
+
+
+def _describe(hint) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if any(isinstance(a, type) and issubclass(a, enum.Enum) for a in args):
+            args = [a for a in args if a is not str]
+        return " or ".join(dict.fromkeys(_describe(a) for a in args))
+    if origin is typing.Literal or (isinstance(hint, type) and issubclass(hint, enum.Enum)):
+        return "one of " + ", ".join(repr(getattr(a, "value", a)) for a in (args or hint))
+    if origin in (list, tuple) and args:
+        return "a list of " + _PLURALS.get(args[0], f"items each {_describe(args[0])}")
+    return _KINDS.get(origin or hint, f"a {getattr(hint, '__name__', hint)} (not settable from a recipe)")
+
+
+def _range(name: str) -> str | None:
+    """The range a number named `name` must lie in, as text, or None."""
+    low, high, closed = next((r for p, r in RANGES.items() if re.search(p, name)), (None, None, True))
+    if low is None:
+        return None
+    return f"from {low} to {high}" if high is not None else f"of at least {low}" if closed else f"above {low}"
+
+
+def _in_range(value, name: str) -> bool:
+    low, high, closed = next((r for p, r in RANGES.items() if re.search(p, name)), (None, None, True))
+    return (low is None or (value >= low if closed else value > low)) and (high is None or value <= high)
+
+
+def check_values(values: dict, classes: tuple, where: str, flags=()):
+    """Each value against its field's annotation, its `choices` and the range its name implies; the first bad
+    one stops with the recipe file (or the override flag), the key, the value and what was expected."""
+    for cls in classes:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if not f.init or f.name not in values:
+                continue
+            value, hint, choices = values[f.name], hints[f.name], f.metadata.get("choices")
+            items = value if isinstance(value, list) else [value]
+            if not _accepts(hint, value):
+                expected = _describe(hint)
+            elif choices and value is not None and not all(v in choices for v in items):
+                expected = "one of " + ", ".join(map(repr, choices))
+            elif isinstance(value, (int, float)) and not isinstance(value, bool) and value != f.default and not _in_range(value, f.name):
+                expected = f"a number {_range(f.name)}"
+            else:
+                continue
+            place = f"override --{f.name}" if f.name in flags else f"{where}: key {f.name}"
+            quote = " (YAML reads unquoted yes/no/on/off as true/false: quote the word)" if isinstance(value, bool) and "string" in expected else ""
+            default = f" (its default: {f.default!r})" if f.default not in (None, dataclasses.MISSING) else ""
+            raise SmoeError(f"{value!r} is not {expected}", place, f"give {f.name} {expected}{default}{quote}")
+
+
+def build(values: dict, classes: tuple, where: str, flags=()) -> tuple:
+    """Instantiate each dataclass from the keys it owns; keys may be shared (e.g. `seed`).
+
+    `flags` are the keys that came from the command line, so that an error names the flag."""
     check_keys(values, field_names(*classes), where)
+    check_values(values, classes, where, flags)
     built = []
     for cls in classes:
         own = {k: v for k, v in values.items() if k in field_names(cls)}
@@ -101,7 +191,7 @@ def resolve(path: str | Path, overrides: dict) -> dict:
 def load_recipe(path: str | Path, overrides: dict, classes: tuple) -> tuple[tuple, dict]:
     """Returns (instances, resolved values). The resolved values are what gets written beside the output."""
     values = resolve(path, overrides)
-    return build(values, classes, str(path)), values
+    return build(values, classes, str(path), flags={ALIASES.get(k, k) for k in overrides}), values
 
 
 def write_resolved(values: dict, output_dir: str | Path):

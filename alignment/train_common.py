@@ -10,7 +10,7 @@ from alignment.errors import SmoeError
 from alignment.manifest import write_manifest
 from alignment.models.jetmoe import load_causal_lm, load_tokenizer
 from alignment.models.lora import expert_lora_config
-from alignment.models.quant import quantize_experts
+from alignment.models.quant import import_bitsandbytes, quantize_experts
 
 
 @dataclass
@@ -38,6 +38,8 @@ class DataArgs:
 
 
 def load_student(model_args: ModelConfig, data_args: DataArgs):
+    if model_args.load_in_4bit:
+        import_bitsandbytes()  # before the model loads: a missing package is reported at once
     model = load_causal_lm(model_args.model_name_or_path, model_args.dtype, attn_implementation=model_args.attn_implementation)
     peft_config = get_peft_config(model_args)
     if model.config.model_type == "jetmoe":

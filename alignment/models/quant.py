@@ -10,13 +10,23 @@ The rest of the model (embeddings, key-value projections, routers, norms) stays 
 unchanged, and an adapter trained on it loads onto the full-precision model and merges there.
 """
 
-import bitsandbytes as bnb
-import bitsandbytes.functional as bnbf
 import torch
 from torch import nn
 from transformers.models.jetmoe.modeling_jetmoe import JetMoeParallelExperts
 
+from alignment.errors import SmoeError
+
 BLOCKSIZE = 64
+
+
+def import_bitsandbytes():
+    """Imported only where 4-bit is used, so everything else runs without bitsandbytes installed."""
+    try:
+        import bitsandbytes
+        import bitsandbytes.functional  # noqa: F401
+    except ImportError:
+        raise SmoeError("4-bit expert weights (load_in_4bit) need bitsandbytes, which is not installed", "recipe key load_in_4bit", "pip install 'smoe-align[quant]' (or bitsandbytes), or set load_in_4bit: false") from None
+    return bitsandbytes
 
 
 class QuantizedExperts(JetMoeParallelExperts):
@@ -25,6 +35,7 @@ class QuantizedExperts(JetMoeParallelExperts):
         self.num_experts, self.input_size, self.output_size = bank.num_experts, bank.input_size, bank.output_size
         self.compute_dtype = compute_dtype
         self.states = []
+        bnbf = import_bitsandbytes().functional
         for e, weight in enumerate(bank.weight.detach().unbind(0)):  # [out, in] each, quantised one at a time
             packed, state = bnbf.quantize_4bit(weight.contiguous(), blocksize=BLOCKSIZE, quant_type="nf4", compress_statistics=True)
             # a frozen parameter rather than a buffer: PEFT and the trainers look for a parameter's device
@@ -32,6 +43,7 @@ class QuantizedExperts(JetMoeParallelExperts):
             self.states.append(state)
 
     def forward(self, inputs: torch.Tensor, expert_size: list[int]) -> torch.Tensor:
+        bnb = import_bitsandbytes()
         x = inputs.to(self.compute_dtype)
         outputs = [
             bnb.matmul_4bit(chunk, getattr(self, f"packed_{e}").t(), quant_state=self.states[e])
