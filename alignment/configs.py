@@ -10,6 +10,7 @@ and turns the errors raised by the dataclasses' own checks into `SmoeError`s tha
 import dataclasses
 import difflib
 import enum
+import functools
 import re
 import types
 import typing
@@ -107,7 +108,7 @@ def _accepts(hint, value) -> bool:
     if origin is dict or hint is dict:
         return isinstance(value, dict)
     if isinstance(hint, type) and issubclass(hint, enum.Enum):
-        return isinstance(value, hint) or value in {e.value for e in hint}
+        return isinstance(value, hint) or any(value == e.value for e in hint)
     if hint in (int, float):
         return isinstance(value, (int, float) if hint is float else int) and not isinstance(value, bool)
     return hint is typing.Any or not isinstance(hint, type) or isinstance(value, hint)
@@ -126,36 +127,34 @@ def _describe(hint) -> str:
     return _KINDS.get(origin or hint, f"a {getattr(hint, '__name__', hint)} (not settable from a recipe)")
 
 
-def _range(name: str) -> str | None:
-    """The range a number named `name` must lie in, as text, or None."""
+_type_hints = functools.cache(typing.get_type_hints)  # TrainingArguments' string annotations take a while to evaluate
+
+
+def _out_of_range(name: str, value) -> str | None:
+    """What a number named `name` must be, when `value` lies outside the range RANGES gives that name."""
     low, high, closed = next((r for p, r in RANGES.items() if re.search(p, name)), (None, None, True))
-    if low is None:
+    if low is None or ((value >= low if closed else value > low) and (high is None or value <= high)):
         return None
-    return f"from {low} to {high}" if high is not None else f"of at least {low}" if closed else f"above {low}"
-
-
-def _in_range(value, name: str) -> bool:
-    low, high, closed = next((r for p, r in RANGES.items() if re.search(p, name)), (None, None, True))
-    return (low is None or (value >= low if closed else value > low)) and (high is None or value <= high)
+    return f"a number from {low} to {high}" if high is not None else f"a number of at least {low}" if closed else f"a number above {low}"
 
 
 def check_values(values: dict, classes: tuple, where: str, flags=()):
     """Each value against its field's annotation, its `choices` and the range its name implies; the first bad
     one stops with the recipe file (or the override flag), the key, the value and what was expected."""
     for cls in classes:
-        hints = typing.get_type_hints(cls)
+        hints = _type_hints(cls)
         for f in dataclasses.fields(cls):
             if not f.init or f.name not in values:
                 continue
             value, hint, choices = values[f.name], hints[f.name], f.metadata.get("choices")
-            items = value if isinstance(value, list) else [value]
+            expected = None
             if not _accepts(hint, value):
                 expected = _describe(hint)
-            elif choices and value is not None and not all(v in choices for v in items):
+            elif choices and value is not None and not all(v in list(choices) for v in (value if isinstance(value, list) else [value])):
                 expected = "one of " + ", ".join(map(repr, choices))
-            elif isinstance(value, (int, float)) and not isinstance(value, bool) and value != f.default and not _in_range(value, f.name):
-                expected = f"a number {_range(f.name)}"
-            else:
+            elif isinstance(value, (int, float)) and not isinstance(value, bool) and value != f.default:
+                expected = _out_of_range(f.name, value)
+            if expected is None:
                 continue
             place = f"override --{f.name}" if f.name in flags else f"{where}: key {f.name}"
             quote = " (YAML reads unquoted yes/no/on/off as true/false: quote the word)" if isinstance(value, bool) and "string" in expected else ""

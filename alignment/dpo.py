@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datasets import Dataset
 from trl import DPOConfig, DPOTrainer, ModelConfig
 
-from alignment.data import to_preference
+from alignment.data import keep_answerable, to_preference
 from alignment.models.router import MoEArgs, RouterLossMixin, attach_router_losses
 from alignment.train_common import DataArgs, load_student, take_trl_router_coef, train_and_save
 
@@ -32,8 +32,9 @@ class MoEDPOTrainer(RouterLossMixin, DPOTrainer):
 def run(data_args: DPODataArgs, training_args: DPOConfig, model_args: ModelConfig, moe: MoEArgs):
     started = time.time()
     rows, where = data_args.rows()
-    dataset = Dataset.from_list([to_preference(r, where, i) for i, r in enumerate(rows, 1)])
+    rows = [to_preference(r, where, i) for i, r in enumerate(rows, 1)]
     model, tokenizer, peft_config = load_student(model_args, data_args)
+    dataset = Dataset.from_list(keep_answerable(rows, tokenizer, training_args, where, "dpo"))
     take_trl_router_coef(training_args, moe, model)
     trainer = MoEDPOTrainer(model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config)
     attach_router_losses(trainer, moe)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datasets import Dataset
 from trl import ModelConfig, SFTConfig, SFTTrainer
 
-from alignment.data import to_conversation
+from alignment.data import keep_answerable, to_conversation
 from alignment.models.router import MoEArgs, RouterLossMixin, attach_router_losses
 from alignment.train_common import DataArgs, load_student, take_trl_router_coef, train_and_save
 
@@ -28,15 +28,16 @@ class MoESFTTrainer(RouterLossMixin, SFTTrainer):
     """SFTTrainer plus JetMoE's router losses (see alignment.models.router)."""
 
 
-def load_sft_dataset(args: SFTDataArgs) -> Dataset:
+def load_sft_rows(args: SFTDataArgs) -> tuple[list[dict], str]:
     rows, where = args.rows()
-    return Dataset.from_list([{"messages": to_conversation(r, args.messages_field, where, i)} for i, r in enumerate(rows, 1)])
+    return [{"messages": to_conversation(r, args.messages_field, where, i)} for i, r in enumerate(rows, 1)], where
 
 
 def run(data_args: SFTDataArgs, training_args: SFTConfig, model_args: ModelConfig, moe: MoEArgs):
     started = time.time()
-    dataset = load_sft_dataset(data_args)
+    rows, where = load_sft_rows(data_args)
     model, tokenizer, peft_config = load_student(model_args, data_args)
+    dataset = Dataset.from_list(keep_answerable(rows, tokenizer, training_args, where, "sft"))
     take_trl_router_coef(training_args, moe, model)
     trainer = MoESFTTrainer(model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config)
     attach_router_losses(trainer, moe)

@@ -9,6 +9,8 @@ import json
 import os
 from pathlib import Path
 
+from alignment.errors import SmoeError
+
 
 class ShardStore:
     def __init__(self, output_dir: str | Path):
@@ -23,8 +25,11 @@ class ShardStore:
     def rows(self):
         for shard in self.shards():
             with shard.open() as f:
-                for line in f:
-                    yield json.loads(line)
+                for number, line in enumerate(f, 1):
+                    try:
+                        yield json.loads(line)
+                    except json.JSONDecodeError:
+                        raise SmoeError(f"row {number} is not valid JSON", str(shard), "delete this shard: a rerun redoes its prompts") from None
 
     def done_ids(self) -> set[str]:
         return {row["prompt_id"] for row in self.rows()}
