@@ -138,6 +138,10 @@ def _out_of_range(name: str, value) -> str | None:
     return f"a number from {low} to {high}" if high is not None else f"a number of at least {low}" if closed else f"a number above {low}"
 
 
+def _place(key: str, where: str, flags) -> str:
+    return f"override --{key}" if key in flags else f"{where}: key {key}"
+
+
 def check_values(values: dict, classes: tuple, where: str, flags=()):
     """Each value against its field's annotation, its `choices` and the range its name implies; the first bad
     one stops with the recipe file (or the override flag), the key, the value and what was expected."""
@@ -156,7 +160,7 @@ def check_values(values: dict, classes: tuple, where: str, flags=()):
                 expected = _out_of_range(f.name, value)
             if expected is None:
                 continue
-            place = f"override --{f.name}" if f.name in flags else f"{where}: key {f.name}"
+            place = _place(f.name, where, flags)
             quote = " (YAML reads unquoted yes/no/on/off as true/false: quote the word)" if isinstance(value, bool) and "string" in expected else ""
             default = f" (its default: {f.default!r})" if f.default not in (None, dataclasses.MISSING) else ""
             raise SmoeError(f"{value!r} is not {expected}", place, f"give {f.name} {expected}{default}{quote}")
@@ -174,7 +178,10 @@ def build(values: dict, classes: tuple, where: str, flags=()) -> tuple:
         try:
             built.append(cls(**own))
         except (ValueError, TypeError) as err:
-            raise SmoeError(f"invalid recipe for {cls.__name__}: {err}", where, "correct the keys named above") from None
+            # name the key when the class's own message mentions exactly one key or one key's value
+            named = [k for k, v in own.items() if re.search(rf"\b{k}\b", str(err)) or (isinstance(v, str) and len(v) > 3 and v in str(err))]
+            place = _place(named[0], where, flags) if len(named) == 1 else where
+            raise SmoeError(f"invalid recipe for {cls.__name__}: {err}", place, "correct the keys named above") from None
     return tuple(built)
 
 
