@@ -72,6 +72,10 @@ def _rows(source: str | Path, split: str | None) -> list:
         if any((path / name).is_file() for name in ("dataset_info.json", "dataset_dict.json", "state.json")):
             from datasets import load_from_disk
 
+            for state in [path / "state.json", *path.glob("*/state.json")]:  # `datasets` cannot load an empty split back
+                if state.is_file() and not json.loads(state.read_text()).get("_data_files"):
+                    name = "train" if state.parent == path else state.parent.name
+                    raise SmoeError(f"split {name!r} has no rows", str(path), "drop the empty split (or give it data) and save the dataset again")
             return _from_datasets(load_from_disk(str(path)), split, str(path))
         files = sorted(path.glob("*.jsonl")) + sorted(path.glob("*.parquet"))
         if not files:
@@ -145,7 +149,7 @@ def check_messages(messages, where: str, row: int, field: str = "messages", firs
         if m["role"] == "system" and i == 0 and first == "user":
             continue
         if m["role"] != expected:
-            raise SmoeError(f"row {row}: message {i} of `{field}` is a {m['role']} turn where a {expected} turn belongs", where, "order the turns: an optional system turn first, then user and assistant taking turns")
+            raise SmoeError(f"row {row}: message {i} of `{field}` has role {m['role']!r} where {expected!r} belongs", where, "order the turns: an optional system turn first, then user and assistant taking turns")
         expected = "assistant" if expected == "user" else "user"
     return messages
 
@@ -167,7 +171,7 @@ def to_prompt(row: dict, where: str, number: int) -> dict:
         messages = check_messages(row["prompt"], where, number, "prompt")
     elif isinstance(row.get("turns"), list) and row["turns"]:
         if not isinstance(row["turns"][0], str):
-            raise SmoeError(f"row {number}: `turns` holds a {type(row['turns'][0]).__name__}, not a string", where, "write each turn as one string")
+            raise SmoeError(f"row {number}: `turns` holds a value of type {type(row['turns'][0]).__name__}, not a string", where, "write each turn as one string")
         messages = [{"role": "user", "content": row["turns"][0]}]
     else:
         raise SmoeError(f"row {number} has no prompt", where, "give each row `messages`, a `prompt` string, or MT-Bench `turns`")

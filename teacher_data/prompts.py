@@ -49,7 +49,7 @@ def eval_ngrams(paths: list[str], n: int) -> set:
                 texts = row.get("turns") or [to_prompt({"prompt_id": number, **row}, path, number)["messages"][-1]["content"]]
             for text in texts:
                 if not isinstance(text, str):
-                    raise SmoeError(f"row {number}: `turns` holds a {type(text).__name__}, not a string", path, "write each turn as one string")
+                    raise SmoeError(f"row {number}: `turns` holds a value of type {type(text).__name__}, not a string", path, "write each turn as one string")
                 grams |= ngrams(text, n)
     return grams
 

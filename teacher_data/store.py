@@ -27,9 +27,12 @@ class ShardStore:
             with shard.open() as f:
                 for number, line in enumerate(f, 1):
                     try:
-                        yield json.loads(line)
+                        row = json.loads(line)
                     except json.JSONDecodeError:
-                        raise SmoeError(f"row {number} is not valid JSON", str(shard), "delete this shard: a rerun redoes its prompts") from None
+                        row = None
+                    if not isinstance(row, dict) or "prompt_id" not in row:
+                        raise SmoeError(f"row {number} is not a JSON object with a prompt_id", str(shard), "delete this shard: a rerun redoes its prompts")
+                    yield row
 
     def done_ids(self) -> set[str]:
         return {row["prompt_id"] for row in self.rows()}
