@@ -87,7 +87,7 @@ RANGES = {
     r"dropout$|^top_p$|^adam_beta\d$|^label_smoothing|mixup_alpha$|^ld_alpha$": (0, 1, True),
     r"^(num_train_epochs|logging_steps|save_steps|eval_steps|beta|adam_epsilon|lora_alpha)$": (0, None, False),
     r"rate$|^weight_decay$|^warmup_steps$|_coef$|^max_grad_norm$|seed$|_workers$|^temperature$|_margin$|_tau$|^eval_delay$|noise_alpha$|^prompts_per_skill$": (0, None, True),
-    r"batch_size$|accumulation_steps$|_sync_steps$|_cache_steps$|^max_|^num_|_size$|^lora_r$|_ngram$|_samples$|^seq_len$|^kv_channels$|^save_total_limit$|_prefetch_factor$|_timeout$|^dataset_num_proc$": (1, None, True),
+    r"batch_size$|accumulation_steps$|_sync_steps$|_cache_steps$|^max_|max_new_tokens$|^num_|_size$|^lora_r$|_ngram$|_samples$|^seq_len$|^kv_channels$|^save_total_limit$|_prefetch_factor$|_timeout$|^dataset_num_proc$": (1, None, True),
 }
 _KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a mapping", list: "a list", type(None): "null"}
 _PLURALS = {bool: "true/false values", int: "integers", float: "numbers", str: "strings", dict: "mappings"}

@@ -41,4 +41,4 @@ def run(data_args: SFTDataArgs, training_args: SFTConfig, model_args: ModelConfi
     take_trl_router_coef(training_args, moe, model)
     trainer = MoESFTTrainer(model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config)
     attach_router_losses(trainer, moe)
-    return train_and_save(trainer, "sft", started, rows=len(dataset))
+    return train_and_save(trainer, "sft", started, rows=len(dataset), dropped_truncated=len(rows) - len(dataset))

@@ -351,7 +351,8 @@ print("codes", main(sys.argv[1:4]), main(sys.argv[4:]))
 
 def test_sft_and_estimate_memory_run_without_bitsandbytes(micro_model, tmp_path):
     data = tmp_path / "d.jsonl"
-    data.write_text("".join(json.dumps({"messages": [USER, ANSWER]}) + "\n" for _ in range(4)))
+    long = {"messages": [{"role": "user", "content": "x" * 300}, ANSWER]}  # its prompt alone fills max_length 128
+    data.write_text("".join(json.dumps(row) + "\n" for row in [{"messages": [USER, ANSWER]}] * 4 + [long]))
     estimate = ["estimate-memory", "--config", "recipes/tiny/sft.yaml"]
     sft = ["sft", "--config", "recipes/tiny/sft.yaml", "--model_name_or_path", micro_model, "--dataset_path", str(data), "--output_dir", str(tmp_path / "o"), "--max_steps", "1", "--report_to", "none", "--per_device_train_batch_size", "2"]
     (tmp_path / "recipe_at_micro.yaml").write_text(Path("recipes/tiny/sft.yaml").read_text() + f"\nmodel_name_or_path: {micro_model}\n")
@@ -359,6 +360,9 @@ def test_sft_and_estimate_memory_run_without_bitsandbytes(micro_model, tmp_path)
     result = subprocess.run([sys.executable, "-c", SCRIPT, *estimate, *sft], capture_output=True, text=True)
     assert "codes 0 0" in result.stdout, result.stderr[-3000:]
     assert "<- this recipe" in result.stdout
+    assert "dropped 1 of 5 rows" in result.stdout
+    manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert (manifest["rows"], manifest["dropped_truncated"]) == (4, 1)
 
 
 def test_spot_check_in_a_real_process(tmp_path):
