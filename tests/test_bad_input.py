@@ -240,9 +240,10 @@ PATH_READERS = set(READERS) - {"model answers", "teacher-sft shards"}  # those r
 TRAINING_READERS = ("sft", "dpo")
 
 
-def reader_setup(reader: str, root: Path, micro_model: str) -> tuple[list[str], Path]:
-    """argv of a real stage run that reads `reader`'s file, and where that file must be."""
-    out, data = root / "out", root / "data.jsonl"
+def reader_setup(reader: str, root: Path, micro_model: str, data: Path) -> tuple[list[str], Path]:
+    """argv of a real stage run that reads `reader`'s file (`data`, where the reader takes a path), and where
+    that file must be."""
+    out = root / "out"
     prompts = root / "prompts.jsonl"
     prompts.write_text(json.dumps({"prompt_id": "p1", "prompt": "Reverse the word cat."}) + "\n")
     mt_bench = ["eval", "--config", "recipes/tiny/chat_eval.yaml", "--question_file", QUESTIONS, "--baseline", "null", "--models", "[{name: m, backend: skills}]"]
@@ -287,12 +288,9 @@ DATASET_CASES = dataset_cases()
 def test_dataset_defect(reader, defect, content, words, micro_model, tmp_path, capfd):
     from datasets import Dataset, DatasetDict
 
-    argv, path = reader_setup(reader, tmp_path, micro_model)
+    argv, path = reader_setup(reader, tmp_path, micro_model, tmp_path / ("saved" if content is None else "data.jsonl"))
     if content is None:  # a saved `datasets` directory whose train split is empty
-        path = tmp_path / "saved"
         DatasetDict({"train": Dataset.from_dict({"text": []}), "test": Dataset.from_dict({"text": ["x"]})}).save_to_disk(str(path))
-        argv = [str(path) if a == str(tmp_path / "data.jsonl") else a for a in argv]
-        argv = [json.dumps([str(path)]) if a == json.dumps([str(tmp_path / "data.jsonl")]) else a for a in argv]
     else:
         path.write_text(content)
     if defect == "every row truncated to no answer":
