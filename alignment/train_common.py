@@ -1,8 +1,8 @@
 """What the sft and dpo stages share: training data, model set-up, resuming, and the manifest after training."""
 
 from dataclasses import dataclass
+from pathlib import Path
 
-from transformers.trainer_utils import get_last_checkpoint
 from trl import ModelConfig, get_peft_config
 
 from alignment.data import read_mixture, read_rows
@@ -62,10 +62,17 @@ def take_trl_router_coef(training_args, moe, model):
         training_args.router_aux_loss_coef = None
 
 
+def last_whole_checkpoint(output_dir: str) -> str | None:
+    """The newest checkpoint whose trainer_state.json exists: the Trainer writes it last, so a save cut off by
+    a crash (which transformers' `get_last_checkpoint` would pick) is passed over."""
+    whole = [p for p in Path(output_dir).glob("checkpoint-*") if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").is_file()]
+    return str(max(whole, key=lambda p: int(p.name.split("-")[-1]))) if whole else None
+
+
 def train_and_save(trainer, stage: str, started: float, **info):
-    """Resume from the newest checkpoint if a run was cut off, then save the model and the manifest."""
+    """Resume from the newest whole checkpoint if a run was cut off, then save the model and the manifest."""
     output_dir = trainer.args.output_dir
-    trainer.train(resume_from_checkpoint=get_last_checkpoint(output_dir))
+    trainer.train(resume_from_checkpoint=last_whole_checkpoint(output_dir))
     trainer.save_model(output_dir)
     logs = trainer.state.log_history
     if trainer.is_world_process_zero():  # under torchrun / accelerate every rank runs this
