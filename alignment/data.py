@@ -124,13 +124,16 @@ def read_mixture(mixture: dict, where: str) -> list[dict]:
         raise SmoeError("dataset_mixture needs a non-empty `datasets` list", where, "write datasets: [{id: PATH_OR_HUB_ID, split: train, weight: 1.0}]")
     rng, rows = random.Random(mixture.get("seed", 0)), []
     for i, entry in enumerate(mixture["datasets"]):
-        if "id" not in entry:
+        if not isinstance(entry, dict) or "id" not in entry:
             raise SmoeError(f"dataset_mixture.datasets[{i}] has no `id`", where, "give the dataset's path or hub id as id")
+        weight = entry.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight <= 1:
+            raise SmoeError(f"the weight of {entry['id']} is {weight!r}, not a fraction from 0 to 1", where, "give each dataset a weight from 0 to 1 (the share of its rows kept)")
         found = read_rows(entry["id"], entry.get("split"))
         if entry.get("columns"):
             found = [{k: row[k] for k in entry["columns"] if k in row} for row in found]
         rng.shuffle(found)
-        rows += found[: round(entry.get("weight", 1.0) * len(found))]
+        rows += found[: round(weight * len(found))]
     rng.shuffle(rows)
     return rows
 

@@ -299,8 +299,27 @@ def test_dataset_defect(reader, defect, content, words, micro_model, tmp_path, c
     assert_clear_error(capfd, code, [str(path), words], tmp_path)
 
 
+# values inside a key: the sampling keys of each policy, the weights of a dataset mixture, model entries
+NESTED_CASES = [
+    (["teacher-prefs", "--config", "recipes/tiny/teacher_prefs.yaml", "--policies", "[{backend: skills, num_samples: abc}]"], ["policies[0]: key num_samples"]),
+    (["teacher-prefs", "--config", "recipes/tiny/teacher_prefs.yaml", "--policies", "[{backend: skills, temperature: -1}]"], ["policies[0]: key temperature"]),
+    (["teacher-prefs", "--config", "recipes/tiny/teacher_prefs.yaml", "--policies", "[{backend: skills, top_p: 2}]"], ["policies[0]: key top_p"]),
+    (["teacher-prefs", "--config", "recipes/tiny/teacher_prefs.yaml", "--policies", "[skills]"], ["--policies"]),
+    (["sft", "--config", "recipes/tiny/sft.yaml", "--dataset_mixture", f"{{datasets: [{{id: {QUESTIONS}, weight: abc}}]}}"], ["dataset_mixture", "weight"]),
+    (["sft", "--config", "recipes/tiny/sft.yaml", "--dataset_mixer", f"{{{QUESTIONS}: -0.5}}"], ["dataset_mixer", "weight"]),
+    (["eval", "--config", "recipes/tiny/eval.yaml", "--models", "[{name: a, path: 5}]"], ["--models"]),
+]
+
+
+@pytest.mark.parametrize("argv, names", NESTED_CASES, ids=[" ".join(a[-2:]) for a, _ in NESTED_CASES])
+def test_nested_value(argv, names, tmp_path, capfd):
+    code = main(argv + ["--output_dir", str(tmp_path / "out")])
+    assert_clear_error(capfd, code, names, tmp_path)
+
+
 def test_matrix_size():
-    print(f"\nmatrix: {len(RECIPE_CASES)} recipe cases + {len(DATASET_CASES)} dataset cases over {len(READERS)} readers = {len(RECIPE_CASES) + len(DATASET_CASES)}")
+    total = len(RECIPE_CASES) + len(DATASET_CASES) + len(NESTED_CASES)
+    print(f"\nmatrix: {len(RECIPE_CASES)} recipe cases + {len(DATASET_CASES)} dataset cases over {len(READERS)} readers + {len(NESTED_CASES)} nested values = {total}")
     assert len(DATASET_CASES) >= 60 and len(RECIPE_CASES) >= 1000
 
 
