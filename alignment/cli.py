@@ -14,6 +14,7 @@ stages, in pipeline order:
   sft            distilled SFT of the student (TRL SFTTrainer)
   teacher-prefs  policies answer, a judge scores, pairs are binarized: the preference dataset
   dpo            distilled DPO of the dSFT model (TRL DPOTrainer)
+  quantize       save a model (or adapter chain, merged) with NF4 expert banks, for QLoRA runs
   eval           held-out accuracy per skill and judge score of each model
   pipeline       every stage of a pipeline recipe, skipping complete ones, then the report
   estimate-memory  predicted peak training memory of an sft or dpo recipe: full, LoRA, QLoRA
@@ -47,9 +48,10 @@ def main(argv: list[str] | None = None) -> int:
         if known.help:
             print(f"smoe-align {stage} --config RECIPE.yaml [--key value ...]\nkeys: " + ", ".join(sorted(field_names(*recipe_classes(stage)))))
             return 0
-        if not known.config:
-            raise SmoeError("no recipe given", f"smoe-align {stage}", f"pass --config recipes/tiny/{stage.replace('-', '_')}.yaml")
-        out = run_stage(stage, known.config, parse_overrides(extra))
+        overrides = parse_overrides(extra)
+        if not known.config and not overrides:
+            raise SmoeError("no recipe given", f"smoe-align {stage}", f"pass --config recipes/tiny/{stage.replace('-', '_')}.yaml, or every key as --key value")
+        out = run_stage(stage, known.config, overrides)
         print(f"[{stage}] done: {out}")
         return 0
     except SmoeError as err:

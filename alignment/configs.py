@@ -12,6 +12,7 @@ import difflib
 import enum
 import functools
 import re
+import sys
 import types
 import typing
 from pathlib import Path
@@ -185,19 +186,35 @@ def build(values: dict, classes: tuple, where: str, flags=()) -> tuple:
     return tuple(built)
 
 
-# keys of alignment-handbook recipes that TRL / transformers now spell differently
+# keys of alignment-handbook recipes that TRL / transformers now spell differently: read under the new name
 ALIASES = {"torch_dtype": "dtype", "preprocessing_num_workers": "dataset_num_proc", "warmup_ratio": "warmup_steps"}  # a float below 1 is a ratio
+RENAMED = {"max_seq_length": "max_length", "evaluation_strategy": "eval_strategy"}  # said in a note, then read as the new key
+# keys that TRL / transformers removed: accepted with a note saying what happens instead
+REMOVED = {
+    "overwrite_output_dir": "transformers 5 removed it; a stage resumes an output built from the same recipe and sets aside one built from another",
+    "max_prompt_length": "TRL 1 removed it; the prompt is truncated together with the completion to max_length",
+}
 
 
-def resolve(path: str | Path, overrides: dict) -> dict:
-    """The recipe's keys with the command line's on top, handbook aliases renamed."""
-    return {ALIASES.get(k, k): v for k, v in {**read_yaml(path), **overrides}.items()}
+def resolve(path: str | Path | None, overrides: dict) -> dict:
+    """The recipe's keys (none without a recipe) with the command line's on top, handbook aliases renamed."""
+    where = str(path) if path else "command line"
+    values = {}
+    for key, value in {**(read_yaml(path) if path else {}), **overrides}.items():
+        if key in REMOVED:
+            print(f"note: {where}: {key!r} is ignored: {REMOVED[key]}", file=sys.stderr)
+            continue
+        if key in RENAMED:
+            print(f"note: {where}: {key!r} is now called {RENAMED[key]!r}; read as that", file=sys.stderr)
+        values[RENAMED.get(key, ALIASES.get(key, key))] = value
+    return values
 
 
 def load_recipe(path: str | Path, overrides: dict, classes: tuple) -> tuple[tuple, dict]:
     """Returns (instances, resolved values). The resolved values are what gets written beside the output."""
     values = resolve(path, overrides)
-    return build(values, classes, str(path), flags={ALIASES.get(k, k) for k in overrides}), values
+    flags = {RENAMED.get(k, ALIASES.get(k, k)) for k in overrides}
+    return build(values, classes, str(path) if path else "command line", flags=flags), values
 
 
 def write_resolved(values: dict, output_dir: str | Path):

@@ -51,11 +51,12 @@ def is_hub_id(source: str | Path) -> bool:
     return not Path(text).exists() and text.count("/") == 1 and not text.startswith((".", "/"))
 
 
-def read_rows(source: str | Path, split: str | None = None) -> list[dict]:
-    """Rows of a dataset; `split` picks a split of a `datasets` directory or hub dataset (else the first train split).
+def read_rows(source: str | Path, split: str | None = None, config: str | None = None) -> list[dict]:
+    """Rows of a dataset; `split` picks a split of a `datasets` directory or hub dataset (else the first train
+    split), `config` a hub dataset's configuration.
 
     An empty file or split, and a row that is not a JSON object, stop with the file and row."""
-    rows = _rows(source, split)
+    rows = _rows(source, split, config)
     if not rows:
         raise SmoeError("no rows: the dataset is empty", str(source), "point at a file that holds data, or rerun the stage that writes it")
     for number, row in enumerate(rows, 1):
@@ -64,7 +65,7 @@ def read_rows(source: str | Path, split: str | None = None) -> list[dict]:
     return rows
 
 
-def _rows(source: str | Path, split: str | None) -> list:
+def _rows(source: str | Path, split: str | None, config: str | None = None) -> list:
     path = Path(source)
     if path.is_dir():
         if (path / DATA_FILE).is_file():
@@ -106,7 +107,7 @@ def _rows(source: str | Path, split: str | None) -> list:
         from datasets import load_dataset
 
         try:
-            return _from_datasets(load_dataset(str(source)), split, str(source))
+            return _from_datasets(load_dataset(str(source), config), split, str(source))
         except Exception as err:  # offline with no cache, or no such dataset
             raise SmoeError(f"cannot load hub dataset ({err.__class__.__name__}: {err})", str(source), "download it once, or point at a local copy") from None
     raise SmoeError("dataset not found", str(source), "give a .jsonl/.parquet file, a directory, or a hub id")
@@ -129,7 +130,9 @@ def read_mixture(mixture: dict, where: str) -> list[dict]:
         weight = entry.get("weight", 1.0)
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight <= 1:
             raise SmoeError(f"the weight of {entry['id']} is {weight!r}, not a fraction from 0 to 1", where, "give each dataset a weight from 0 to 1 (the share of its rows kept)")
-        found = read_rows(entry["id"], entry.get("split"))
+        if entry.get("config") not in (None, "default") and not is_hub_id(entry["id"]):
+            raise SmoeError(f"dataset_mixture.datasets[{i}] names config {entry['config']!r}, but a local dataset has no configs", where, "drop `config`, or point `id` at that configuration's own files")
+        found = read_rows(entry["id"], entry.get("split"), entry.get("config"))
         if entry.get("columns"):
             found = [{k: row[k] for k in entry["columns"] if k in row} for row in found]
         rng.shuffle(found)

@@ -3,9 +3,12 @@
 usage: smoe-align dpo --config recipes/tiny/dpo.yaml [--key value ...]
 
 Reads ultrafeedback_binarized or TRL preference rows. With LoRA the reference is the base with the
-adapter disabled; with full fine-tuning, a frozen copy (or precomputed log-probs: precompute_ref_log_probs).
+adapter disabled; with full fine-tuning, a frozen copy of the starting model, dSFT adapters merged (or
+precomputed log-probs: precompute_ref_log_probs). Completions end at the end-of-turn token: what a chat
+template writes after it (a newline) is not part of the answer and is not trained.
 """
 
+import copy
 import time
 from dataclasses import dataclass
 
@@ -14,7 +17,7 @@ from trl import DPOConfig, DPOTrainer, ModelConfig
 
 from alignment.data import keep_answerable, to_preference
 from alignment.models.router import MoEArgs, RouterLossMixin, attach_router_losses
-from alignment.train_common import DataArgs, load_student, take_trl_router_coef, train_and_save
+from alignment.train_common import DataArgs, check_evaluation, load_student, take_trl_router_coef, train_and_save
 
 
 @dataclass
@@ -28,14 +31,32 @@ RECIPE_CLASSES = (DPODataArgs, DPOConfig, ModelConfig, MoEArgs)
 class MoEDPOTrainer(RouterLossMixin, DPOTrainer):
     """DPOTrainer plus JetMoE's router losses on the policy's pass (see alignment.models.router)."""
 
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        eos = self._tokenizer.eos_token_id
+        return dataset.map(lambda row: {key: end_at_eos(row[key], eos) for key in ("chosen_ids", "rejected_ids")})
+
+
+def end_at_eos(ids: list[int], eos: int | None) -> list[int]:
+    """Token ids up to and including the last end-of-turn token (unchanged when there is none)."""
+    if eos is None or eos not in ids:
+        return ids
+    return ids[: len(ids) - ids[::-1].index(eos)]
+
 
 def run(data_args: DPODataArgs, training_args: DPOConfig, model_args: ModelConfig, moe: MoEArgs):
     started = time.time()
-    rows, where = data_args.rows()
-    rows = [to_preference(r, where, i) for i, r in enumerate(rows, 1)]
+    train, held_out, where = data_args.rows()
+    check_evaluation(training_args, held_out)
+    rows = [to_preference(r, where, i) for i, r in enumerate(train, 1)]
+    eval_rows = [to_preference(r, f"{where} (evaluation rows)", i) for i, r in enumerate(held_out, 1)] if held_out else None
     model, tokenizer, peft_config = load_student(model_args, data_args)
     dataset = Dataset.from_list(keep_answerable(rows, tokenizer, training_args, where, "dpo"))
+    eval_dataset = Dataset.from_list(keep_answerable(eval_rows, tokenizer, training_args, f"{where} (evaluation rows)", "dpo")) if eval_rows else None
     take_trl_router_coef(training_args, moe, model)
-    trainer = MoEDPOTrainer(model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config)
+    # TRL would reload the reference from the path in the model's config, which for a merged adapter is not this model
+    needs_reference = peft_config is None and not training_args.precompute_ref_log_probs
+    ref_model = copy.deepcopy(model).eval().requires_grad_(False) if needs_reference else None
+    trainer = MoEDPOTrainer(model=model, ref_model=ref_model, args=training_args, train_dataset=dataset, eval_dataset=eval_dataset, processing_class=tokenizer, peft_config=peft_config)
     attach_router_losses(trainer, moe)
     return train_and_save(trainer, "dpo", started, rows=len(dataset), dropped_truncated=len(rows) - len(dataset))

@@ -1,12 +1,18 @@
-"""A stage's manifest: written last, it marks the output directory complete."""
+"""A stage's manifest, written last, marks its output directory complete; its fingerprint, written first,
+says what the output is built from (the resolved recipe and the manifests of the stages it reads), so
+that a stage reruns when either changed instead of reusing a stale output."""
 
+import hashlib
 import json
+import os
 import platform
+import shutil
 import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 MANIFEST = "manifest.json"
+FINGERPRINT = "fingerprint.json"
 _PACKAGES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate")
 
 
@@ -38,3 +44,61 @@ def write_manifest(output_dir: str | Path, stage: str, started: float, **info):
     tmp = out / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=2, default=str))
     tmp.rename(out / MANIFEST)
+
+
+def fingerprint(values: dict, output_dir: str | Path) -> dict:
+    """The resolved recipe, and a hash of the manifest of every stage output that the recipe names."""
+    inputs = {}
+
+    def walk(value):
+        if isinstance(value, dict):
+            for v in value.values():
+                walk(v)
+        elif isinstance(value, list):
+            for v in value:
+                walk(v)
+        elif isinstance(value, str) and value and (Path(value) / MANIFEST).is_file() and Path(value).resolve() != Path(output_dir).resolve():
+            inputs[value] = hashlib.sha256((Path(value) / MANIFEST).read_bytes()).hexdigest()[:16]
+
+    walk(values)
+    return {"recipe": json.loads(json.dumps(values, default=str)), "inputs": inputs}
+
+
+def stale_reason(output_dir: str | Path, current: dict) -> str | None:
+    """Why an existing output was not built from `current` (None when it was, or when there is nothing)."""
+    out = Path(output_dir)
+    if not out.is_dir() or not any(out.iterdir()):
+        return None
+    path = out / FINGERPRINT
+    if not path.is_file():
+        return "it has no fingerprint (an earlier version wrote it)"
+    before = json.loads(path.read_text())
+    changed = sorted(k for k in {*before["recipe"], *current["recipe"]} if before["recipe"].get(k) != current["recipe"].get(k))
+    if changed:
+        return "the recipe changed: " + ", ".join(f"{k} {before['recipe'].get(k)!r} -> {current['recipe'].get(k)!r}" for k in changed[:4]) + (" ..." if len(changed) > 4 else "")
+    inputs = sorted(k for k in {*before["inputs"], *current["inputs"]} if before["inputs"].get(k) != current["inputs"].get(k))
+    if inputs:
+        return "its input changed: " + ", ".join(inputs)
+    return None
+
+
+def set_aside(output_dir: str | Path) -> Path:
+    """Move a stale output to `<output_dir>.previous` (replacing an older one there): nothing is deleted unseen."""
+    out = Path(output_dir)
+    previous = out.with_name(out.name + ".previous")
+    shutil.rmtree(previous, ignore_errors=True)
+    out.rename(previous)
+    return previous
+
+
+def write_fingerprint(output_dir: str | Path, current: dict):
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / (FINGERPRINT + ".tmp")
+    tmp.write_text(json.dumps(current, indent=2))
+    tmp.rename(out / FINGERPRINT)
+
+
+def is_main_process() -> bool:
+    """Under torchrun / accelerate every rank runs the stage; rank 0 alone moves and writes markers."""
+    return int(os.environ.get("RANK", "0")) == 0

@@ -21,13 +21,12 @@ expert inputs and outputs for top-k routed copies of each token, queries, keys, 
 and log-sum-exp, norms and residuals.
 """
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from alignment.errors import SmoeError
+from alignment.models.jetmoe import root_model
 
 GIB = 1024**3
 NF4_BITS = 4.13
@@ -40,9 +39,7 @@ def model_config(name: str, overrides: dict):
 
     if "jetmoe-8b" in name.lower():
         return JetMoeConfig(**{**JETMOE_8B, **overrides})
-    adapter = Path(name) / "adapter_config.json"
-    if adapter.is_file():  # an adapter directory: the architecture is its base model's
-        name = json.loads(adapter.read_text())["base_model_name_or_path"]
+    name = root_model(name)  # an adapter directory (or chain): the architecture is its base model's
     try:
         config = AutoConfig.from_pretrained(name)
     except OSError:

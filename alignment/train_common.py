@@ -1,5 +1,6 @@
 """What the sft and dpo stages share: training data, model set-up, resuming, and the manifest after training."""
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -8,51 +9,115 @@ from trl import ModelConfig, get_peft_config
 from alignment.data import read_mixture, read_rows
 from alignment.errors import SmoeError
 from alignment.manifest import write_manifest
-from alignment.models.jetmoe import load_causal_lm, load_tokenizer
+from alignment.models.jetmoe import adapter_base, load_causal_lm, load_tokenizer, root_model
 from alignment.models.lora import expert_lora_config
-from alignment.models.quant import import_bitsandbytes, quantize_experts
+from alignment.models.quant import bitsandbytes, is_quantized, quantize_experts
 
 
 @dataclass
 class DataArgs:
-    """Where the training rows come from: one dataset, or an alignment-handbook mixture."""
+    """Where the training rows come from: one dataset, or an alignment-handbook mixture; and the eval rows."""
 
     dataset_path: str = ""
-    dataset_mixture: dict | None = None  # {datasets: [{id, split, columns, weight}], seed}
+    dataset_mixture: dict | None = None  # {datasets: [{id, config, split, columns, weight}], test_split_size, seed}
     dataset_mixer: dict | None = None  # the older handbook form, {id: weight}, with dataset_splits
-    dataset_splits: list | None = None
+    dataset_splits: list | None = None  # train splits, and test splits (their names hold "test") for evaluation
+    eval_dataset_path: str = ""  # evaluation rows from their own dataset
     chat_template: str | None = None  # replaces the tokenizer's template
     max_train_samples: int | None = None
 
-    def rows(self) -> tuple[list[dict], str]:
-        """(rows, where they came from, for error messages)."""
+    def rows(self) -> tuple[list[dict], list[dict], str]:
+        """(training rows, evaluation rows, where they came from, for error messages)."""
         if self.dataset_mixer:
-            split = (self.dataset_splits or [None])[0]
-            mixture = {"datasets": [{"id": k, "weight": w, "split": split} for k, w in self.dataset_mixer.items()]}
-            return read_mixture(mixture, "dataset_mixer")[: self.max_train_samples], "dataset_mixer"
-        if self.dataset_mixture:
-            return read_mixture(self.dataset_mixture, "dataset_mixture")[: self.max_train_samples], "dataset_mixture"
-        if not self.dataset_path:
+            splits = self.dataset_splits or [None]
+            mixture = lambda names: {"datasets": [{"id": k, "weight": w, "split": s} for k, w in self.dataset_mixer.items() for s in names]}  # noqa: E731
+            train = read_mixture(mixture([s for s in splits if s is None or "test" not in s]), "dataset_mixer")
+            test = [s for s in splits if s is not None and "test" in s]
+            held_out = read_mixture(mixture(test), "dataset_mixer") if test else []
+            where = "dataset_mixer"
+        elif self.dataset_mixture:
+            train, held_out = hold_out(read_mixture(self.dataset_mixture, "dataset_mixture"), self.dataset_mixture.get("test_split_size"))
+            where = "dataset_mixture"
+        elif self.dataset_path:
+            train, held_out, where = read_rows(self.dataset_path), [], self.dataset_path
+        else:
             raise SmoeError("no training data", "recipe", "set dataset_path, or dataset_mixture as in alignment-handbook")
-        return read_rows(self.dataset_path)[: self.max_train_samples], self.dataset_path
+        if self.eval_dataset_path:
+            held_out = read_rows(self.eval_dataset_path)
+        return train[: self.max_train_samples], held_out, where
+
+
+def hold_out(rows: list[dict], size: int | float | None) -> tuple[list[dict], list[dict]]:
+    """alignment-handbook's `test_split_size`: a count, or a fraction below 1, of the (shuffled) rows kept for evaluation."""
+    if not size:
+        return rows, []
+    count = int(size) if size >= 1 else round(size * len(rows))
+    if not 0 < count < len(rows):
+        raise SmoeError(f"test_split_size {size} leaves no training or no evaluation rows out of {len(rows)}", "dataset_mixture", "choose a count between 1 and the number of rows, or a fraction")
+    return rows[count:], rows[:count]
+
+
+def check_evaluation(training_args, held_out: list[dict]):
+    if str(training_args.eval_strategy) not in ("no", "IntervalStrategy.NO") and not held_out:
+        raise SmoeError(
+            f"eval_strategy is {training_args.eval_strategy} but there are no evaluation rows",
+            "recipe key eval_strategy",
+            "set dataset_mixture.test_split_size, test splits in dataset_splits, or eval_dataset_path; or eval_strategy: no",
+        )
 
 
 def load_student(model_args: ModelConfig, data_args: DataArgs):
+    path, peft_config = model_args.model_name_or_path, get_peft_config(model_args)
+    if model_args.load_in_4bit and peft_config is None:
+        raise SmoeError("4-bit weights train adapters only", "recipe key load_in_4bit", "set use_peft: true with lora_target_modules")
     if model_args.load_in_4bit:
-        import_bitsandbytes()  # before the model loads: a missing package is reported at once
-    model = load_causal_lm(model_args.model_name_or_path, model_args.dtype, attn_implementation=model_args.attn_implementation)
-    peft_config = get_peft_config(model_args)
+        bitsandbytes()  # before the model loads: a missing package is reported at once
+    extra = {}
+    if model_args.load_in_4bit and model_type(path) != "jetmoe":
+        extra["quantization_config"] = linear_4bit_config(model_args, path)
+    model = load_causal_lm(path, model_args.dtype, attn_implementation=model_args.attn_implementation, **extra)
     if model.config.model_type == "jetmoe":
         if peft_config is not None:
             expert_lora_config(peft_config)  # lora_target_modules may name the expert banks: input_linear, output_linear
-        if model_args.load_in_4bit:  # QLoRA: the expert banks in NF4 (stock 4-bit loading leaves them untouched)
-            if peft_config is None:
-                raise SmoeError("load_in_4bit trains adapters only", "recipe", "set use_peft: true with lora_target_modules")
+        if is_quantized(model) and peft_config is None:
+            raise SmoeError("4-bit expert banks train adapters only", f"model_name_or_path {path} (a 4-bit model)", "set use_peft: true with lora_target_modules")
+        if model_args.load_in_4bit and not is_quantized(model):  # QLoRA: the expert banks in NF4 (stock 4-bit loading leaves them untouched)
             quantize_experts(model, compute_dtype=model.dtype)
-    tokenizer = load_tokenizer(model_args.model_name_or_path)
+    tokenizer = load_tokenizer(path)
     if data_args.chat_template:
         tokenizer.chat_template = data_args.chat_template
     return model, tokenizer, peft_config
+
+
+def model_type(path: str) -> str | None:
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(root_model(path)).model_type
+    except (OSError, ValueError):
+        return None  # load_causal_lm says what is wrong with the path
+
+
+def linear_4bit_config(model_args: ModelConfig, path: str):
+    """transformers' own 4-bit loading (NF4 nn.Linear layers) for models without JetMoE expert banks;
+    routers and lm_head stay in full precision. 3-D fused expert weights are not nn.Linear: they stay too."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    from alignment.models.quant import bitsandbytes
+
+    bitsandbytes()
+    if adapter_base(path) is not None:
+        raise SmoeError("4-bit loading of an adapter directory works for JetMoE only", f"model_name_or_path {path}", "merge it into a model directory first, then train QLoRA on that")
+    dtype = model_args.dtype if model_args.dtype not in (None, "auto") else "bfloat16"
+    print(f"note: load_in_4bit quantizes the nn.Linear layers of {path} to {model_args.bnb_4bit_quant_type}; fused 3-D expert weights, routers and lm_head keep {dtype}", file=sys.stderr)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=model_args.bnb_4bit_quant_type,
+        bnb_4bit_use_double_quant=model_args.use_bnb_nested_quant,
+        bnb_4bit_compute_dtype=getattr(torch, dtype),
+        llm_int8_skip_modules=["gate", "router", "lm_head"],
+    )
 
 
 def take_trl_router_coef(training_args, moe, model):

@@ -47,7 +47,7 @@ def four_bit(rounds: int):
     bank = JetMoeParallelExperts(EXPERTS, HIDDEN, 2 * WIDTH)
     torch.nn.init.normal_(bank.weight, std=0.02)
     bank = bank.to(torch.bfloat16)
-    quantised = QuantizedExperts(bank, torch.bfloat16)
+    quantised = QuantizedExperts.from_bank(bank, torch.bfloat16)
     sizes = routed_sizes(TOKENS)
     x = torch.randn(sum(sizes), HIDDEN, dtype=torch.bfloat16)
     with torch.no_grad():

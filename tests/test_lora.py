@@ -106,3 +106,21 @@ def test_lora_sft_and_dpo_through_the_cli(micro_model, tmp_path, train_routers):
     dpo = tmp_path / "dpo"
     assert main(["dpo", "--config", "recipes/tiny/dpo_lora.yaml", "--model_name_or_path", str(sft), "--dataset_path", str(pairs), "--output_dir", str(dpo), *fast, *extra]) == 0
     assert is_complete(dpo) and (dpo / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("init", [True, "gaussian", False])
+def test_init_lora_weights_means_what_it_means_in_peft(micro_model, init):
+    model = get_peft_model(load_causal_lm(micro_model), expert_lora_config(LoraConfig(r=4, target_modules=["input_linear"], init_lora_weights=init, task_type="CAUSAL_LM")))
+    layer = model.base_model.model.model.layers[0].mlp.input_linear
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    assert a.abs().sum() > 0 and (b.abs().sum() > 0) == (init is False)  # False: not a no-op, as in PEFT
+    if init == "gaussian":
+        assert a.std().item() == pytest.approx(1 / 4, rel=0.1)
+
+
+def test_lora_options_the_expert_layer_lacks_are_refused(micro_model, tmp_path, capsys):
+    data = tmp_path / "chats.jsonl"
+    data.write_text('{"messages": [{"role": "user", "content": "reverse ab"}, {"role": "assistant", "content": "Answer: ba"}]}\n')
+    args = ["sft", "--config", "recipes/tiny/sft_lora.yaml", "--model_name_or_path", micro_model, "--dataset_path", str(data), "--output_dir", str(tmp_path / "out"), "--use_dora", "true"]
+    assert main(args) == 2
+    assert "use_dora: DoRA is not implemented for LoRA on the expert banks" in capsys.readouterr().err

@@ -55,7 +55,7 @@ def test_pipeline_runs_resumes_and_reports(tmp_path, micro_model, capsys):
     fixed = micro_pipeline(tmp_path, micro_model, dpo_data=str(tmp_path / "pref_data"))
     assert main(["pipeline", "--config", str(fixed)]) == 0
     out = capsys.readouterr().out
-    assert out.count("is complete; skipping") == 3  # sft_data, dsft, pref_data
+    assert out.count("is complete, built from this recipe and these inputs; skipping") == 3  # sft_data, dsft, pref_data
     assert (tmp_path / "sft" / "model.safetensors").stat().st_mtime_ns == sft_stamp
 
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -72,4 +72,17 @@ def test_pipeline_runs_resumes_and_reports(tmp_path, micro_model, capsys):
     assert (tmp_path / "report.png").stat().st_size > 10_000
 
     assert main(["pipeline", "--config", str(fixed)]) == 0  # everything complete: nothing redone
-    assert capsys.readouterr().out.count("is complete; skipping") == 9
+    assert capsys.readouterr().out.count("is complete, built from this recipe and these inputs; skipping") == 9
+
+    # a changed recipe reruns its stage, and every stage that reads its output reruns after it
+    recipe = yaml.safe_load(fixed.read_text())
+    next(s for s in recipe["stages"] if s["name"] == "dsft")["overrides"]["learning_rate"] = 3e-4
+    fixed.write_text(yaml.safe_dump(recipe))
+    old_eval = json.loads((tmp_path / "eval" / "results" / "dsft.json").read_text())
+    assert main(["pipeline", "--config", str(fixed)]) == 0
+    out = capsys.readouterr().out
+    assert "rerunning " + str(tmp_path / "sft") + ": the recipe changed: learning_rate 0.001 -> 0.0003" in out
+    assert out.count("is complete, built from this recipe and these inputs; skipping") == 2  # sft_data, control_data
+    assert out.count("its input changed") == 7  # pref_data, ddpo, the two controls, eval, chat_eval ... and dsft's readers
+    assert (tmp_path / "sft.previous" / "manifest.json").is_file()  # the old output set aside, not deleted
+    assert json.loads((tmp_path / "eval" / "results" / "dsft.json").read_text()) != old_eval

@@ -19,7 +19,7 @@ def bank(experts=8, out=256, inp=128):
 
 def test_each_expert_is_quantised_alone_and_multiplied_exactly():
     full = bank()
-    quantised = QuantizedExperts(full, torch.float32)
+    quantised = QuantizedExperts.from_bank(full, torch.float32)
     sizes = [5, 0, 7, 3, 1, 0, 9, 2]  # empty experts too
     x = torch.randn(sum(sizes), full.input_size)
     y = quantised(x, sizes)
@@ -51,3 +51,25 @@ def test_qlora_sft_then_dpo_and_the_adapter_merges_into_full_precision(micro_mod
     pairs.write_text("".join('{"prompt": "sort 321", "chosen": "Answer: 123", "rejected": "Answer: 13%d"}\n' % i for i in range(8)))
     assert main(["dpo", "--config", "recipes/tiny/dpo_lora.yaml", "--model_name_or_path", str(sft), "--dataset_path", str(pairs), "--output_dir", str(tmp_path / "dpo"), *fast]) == 0
     assert (tmp_path / "dpo" / "adapter_model.safetensors").is_file()
+
+
+def test_a_quantized_model_saves_and_reloads_without_quantizing_again(micro_model, tmp_path, monkeypatch):
+    import alignment.models.quant as quant
+
+    assert main(["quantize", "--model_name_or_path", micro_model, "--output_dir", str(tmp_path / "q"), "--dtype", "float32"]) == 0
+    expected = quantize_experts(load_causal_lm(micro_model), torch.float32).eval()
+    monkeypatch.setattr(quant.QuantizedExperts, "from_bank", None)  # loading must not quantize
+    reloaded = load_causal_lm(str(tmp_path / "q")).eval()
+    assert sum(isinstance(m, QuantizedExperts) for m in reloaded.modules()) == 4 * reloaded.config.num_hidden_layers
+    assert not any(p.dim() == 3 for p in reloaded.parameters())
+    ids = torch.randint(10, 250, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, expected(ids).logits)
+    monkeypatch.undo()
+    # QLoRA from the 4-bit checkpoint; its adapter merges into the dequantised experts
+    assert main(["teacher-sft", "--config", "recipes/tiny/teacher_sft.yaml", "--prompts_per_skill", "4", "--output_dir", str(tmp_path / "data")]) == 0
+    fast = ["--max_steps", "2", "--report_to", "none", "--per_device_train_batch_size", "4", "--learning_rate", "1e-2", "--load_in_4bit", "true"]
+    assert main(["sft", "--config", "recipes/tiny/sft_lora.yaml", "--model_name_or_path", str(tmp_path / "q"), "--dataset_path", str(tmp_path / "data"), "--output_dir", str(tmp_path / "sft"), *fast]) == 0
+    merged = load_causal_lm(str(tmp_path / "sft"))
+    assert not any(isinstance(m, QuantizedExperts) for m in merged.modules())
+    assert main(["sft", "--config", "recipes/tiny/sft.yaml", "--model_name_or_path", str(tmp_path / "q"), "--dataset_path", str(tmp_path / "data"), "--output_dir", str(tmp_path / "full")]) == 2

@@ -79,7 +79,7 @@ def test_dpo_moves_the_policy_and_logs_rewards(run):
 def test_rerunning_a_complete_stage_is_a_no_op(run, capsys):
     stamp = (run / "sft" / "model.safetensors").stat().st_mtime_ns
     cli("sft", "--config", "recipes/tiny/sft.yaml", "--dataset_path", run / "sft_data", "--output_dir", run / "sft")
-    assert "is complete; skipping" in capsys.readouterr().out
+    assert "is complete, built from this recipe and these inputs; skipping" in capsys.readouterr().out
     assert (run / "sft" / "model.safetensors").stat().st_mtime_ns == stamp
 
 

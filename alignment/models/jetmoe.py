@@ -2,7 +2,10 @@
 
 JetMoE declares `supports_gradient_checkpointing = False`, yet its decoder layers are checkpointing
 layers and gradients with checkpointing equal those without it (FINDINGS), so the flag is lifted.
-Expert banks run through `experts.experts_forward` (grouped matmul). A PEFT adapter directory is loaded onto its base model and merged, so every later stage sees one model.
+Expert banks run through `experts.experts_forward` (grouped matmul). A PEFT adapter directory is loaded
+onto its base model and merged, so every later stage sees one model. The base may itself be an adapter
+directory (a dDPO adapter trained on a dSFT adapter names it as its base): the chain is merged in order,
+and a chain whose base cannot be found is refused rather than loaded in part.
 """
 
 import json
@@ -14,6 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from alignment.data import is_hub_id
 from alignment.errors import SmoeError
 from alignment.models.experts import use_fast_experts
+from alignment.models.quant import dequantize_experts, is_quantized, is_quantized_checkpoint, load_quantized
 
 
 def _dtype(name: str | None):
@@ -29,22 +33,57 @@ def check_model_path(path: str):
         raise SmoeError("model not found", path, "run the stage that writes it first, or fix the path")
 
 
-def load_causal_lm(path: str, dtype: str | None = None, **kwargs):
-    """A model directory, a hub id, or a PEFT adapter directory (merged into its base)."""
-    check_model_path(path)
+def adapter_base(path: str | Path) -> str | None:
+    """The base an adapter directory was trained on (a model, a hub id or another adapter), or None for a model."""
     adapter_config = Path(path) / "adapter_config.json"
+    if not adapter_config.is_file():
+        return None
+    base = json.loads(adapter_config.read_text()).get("base_model_name_or_path")
+    if not base or (not Path(base).exists() and not is_hub_id(base)):
+        raise SmoeError(
+            f"this adapter was trained on {base!r}, which cannot be found, so it cannot be loaded whole",
+            str(path),
+            "keep its base (and every adapter it was stacked on) at the recorded path, or set base_model_name_or_path in its adapter_config.json",
+        )
+    return base
+
+
+def root_model(path: str | Path) -> str:
+    """The full model at the bottom of an adapter chain (the path itself for a model)."""
+    for _ in range(MAX_CHAIN):
+        base = adapter_base(path)
+        if base is None:
+            return str(path)
+        path = base
+    raise SmoeError(f"adapter chain longer than {MAX_CHAIN} (a loop?)", str(path), "check base_model_name_or_path in the adapter configs")
+
+
+MAX_CHAIN = 16
+
+
+def load_causal_lm(path: str, dtype: str | None = None, _depth: int = 0, **kwargs):
+    """A model directory, a hub id, or a PEFT adapter directory (merged into its base, chains included)."""
+    check_model_path(path)
     try:
-        if adapter_config.is_file():
+        base = adapter_base(path)
+        if base is not None:
+            if _depth >= MAX_CHAIN:
+                root_model(path)  # raises with the message
             from peft import LoraConfig, PeftModel
 
             from alignment.models.lora import expert_lora_config
 
-            base = json.loads(adapter_config.read_text())["base_model_name_or_path"]
-            model = AutoModelForCausalLM.from_pretrained(base, dtype=_dtype(dtype), **kwargs)
+            model = load_causal_lm(base, dtype, _depth + 1, **kwargs)
+            if is_quantized(model):  # an adapter trained on NF4 experts merges into them dequantised
+                dequantize_experts(model)
             config = LoraConfig.from_pretrained(path)
             if model.config.model_type == "jetmoe":
                 expert_lora_config(config)
             model = PeftModel.from_pretrained(model, path, config=config).merge_and_unload()
+            model.requires_grad_(True)  # PEFT froze the base; a full fine-tune of the merged model trains all of it
+            model.name_or_path = model.config.name_or_path = str(path)  # an adapter trained on it records the chain
+        elif is_quantized_checkpoint(path):
+            model = load_quantized(path, **kwargs)
         else:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(dtype), **kwargs)
     except OSError as err:
@@ -57,9 +96,8 @@ def load_causal_lm(path: str, dtype: str | None = None, **kwargs):
 
 def load_tokenizer(path: str):
     check_model_path(path)
-    adapter_config = Path(path) / "adapter_config.json"
-    if adapter_config.is_file() and not (Path(path) / "tokenizer_config.json").is_file():
-        path = json.loads(adapter_config.read_text())["base_model_name_or_path"]
+    while not (Path(path) / "tokenizer_config.json").is_file() and adapter_base(path) is not None:
+        path = adapter_base(path)  # an adapter saved without its tokenizer: the one its base has
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except OSError as err:

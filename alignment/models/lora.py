@@ -17,6 +17,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 from transformers.models.jetmoe.modeling_jetmoe import JetMoeParallelExperts
 
+from alignment.errors import SmoeError
 from alignment.models.experts import grouped_linear
 
 
@@ -49,9 +50,7 @@ class ExpertLoraLayer(nn.Module, LoraLayer):
         self.lora_B[adapter_name] = ExpertFactor(base.num_experts, self.out_features, r)
         self.lora_bias[adapter_name] = False
         self.use_dora[adapter_name] = False
-        if config.init_lora_weights:  # A like nn.Linear's default init, B zero: the adapter starts as a no-op
-            for expert in self.lora_A[adapter_name].weight:
-                nn.init.kaiming_uniform_(expert, a=math.sqrt(5))
+        init_factors(self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight, config.init_lora_weights)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters)
 
@@ -94,7 +93,31 @@ class ExpertLoraLayer(nn.Module, LoraLayer):
         return "expert_lora." + super().__repr__()
 
 
+def init_factors(a: torch.Tensor, b: torch.Tensor, init) -> None:
+    """PEFT's meanings of `init_lora_weights`, per expert: True (A like nn.Linear, B zero: a no-op at
+    first), "gaussian" (A normal with std 1/r, B zero), False (both like nn.Linear: not a no-op)."""
+    with torch.no_grad():
+        for a_e, b_e in zip(a, b):
+            if init == "gaussian":
+                nn.init.normal_(a_e, std=1 / a.shape[1])
+            else:
+                nn.init.kaiming_uniform_(a_e, a=math.sqrt(5))
+            if init is False:
+                nn.init.kaiming_uniform_(b_e, a=math.sqrt(5))
+
+
+# PEFT options the expert layer does not implement: refused rather than ignored
+UNSUPPORTED = {"use_dora": "DoRA", "lora_bias": "a bias on the LoRA B factor", "layer_replication": "layer replication", "use_qalora": "QALoRA"}
+INITS = (True, False, "gaussian")
+
+
 def expert_lora_config(config):
-    """Register the expert LoRA layer on a PEFT LoraConfig (a copy is not needed: registration is idempotent)."""
+    """Register the expert LoRA layer on a PEFT LoraConfig (a copy is not needed: registration is idempotent).
+    Options it cannot honour stop here, before any training."""
+    for key, what in UNSUPPORTED.items():
+        if getattr(config, key, None):
+            raise SmoeError(f"{key}: {what} is not implemented for LoRA on the expert banks", f"LoRA option {key}", f"unset {key}")
+    if config.init_lora_weights not in INITS:
+        raise SmoeError(f"init_lora_weights={config.init_lora_weights!r} is not implemented for LoRA on the expert banks", "LoRA option init_lora_weights", f"use one of {INITS}")
     config._register_custom_module({JetMoeParallelExperts: ExpertLoraLayer})
     return config

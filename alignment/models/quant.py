@@ -8,7 +8,16 @@ in backward: the bank is never dequantised at once and no full-precision copy is
 The rest of the model (embeddings, key-value projections, routers, norms) stays in its dtype.
 `QuantizedExperts` is a `JetMoeParallelExperts`, so expert LoRA (`alignment.models.lora`) wraps it
 unchanged, and an adapter trained on it loads onto the full-precision model and merges there.
+
+A quantised model saves and reloads: each expert's quantisation state goes into the state dict beside
+its packed weights, and `config.quantized_experts` marks the checkpoint, so a second QLoRA run loads
+the 4-bit model as it is instead of quantising a full-precision copy again (`smoe-align quantize`).
 """
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -17,39 +26,56 @@ from transformers.models.jetmoe.modeling_jetmoe import JetMoeParallelExperts
 from alignment.errors import SmoeError
 
 BLOCKSIZE = 64
+MARK = "quantized_experts"  # the config key that marks a checkpoint with NF4 expert banks
 
 
-def import_bitsandbytes():
-    """Imported only where 4-bit is used, so everything else runs without bitsandbytes installed."""
+def bitsandbytes():
     try:
-        import bitsandbytes
-        import bitsandbytes.functional  # noqa: F401
+        import bitsandbytes as bnb
+        import bitsandbytes.functional  # noqa: F401  (loads the submodule)
     except ImportError:
-        raise SmoeError("4-bit expert weights (load_in_4bit) need bitsandbytes, which is not installed", "recipe key load_in_4bit", "pip install 'smoe-align[quant]' (or bitsandbytes), or set load_in_4bit: false") from None
-    return bitsandbytes
+        raise SmoeError("4-bit expert banks need bitsandbytes, which is not installed", "recipe key load_in_4bit", "pip install bitsandbytes (or the package's [quant] extra)") from None
+    return bnb
 
 
 class QuantizedExperts(JetMoeParallelExperts):
-    def __init__(self, bank: JetMoeParallelExperts, compute_dtype: torch.dtype):
+    """An expert bank [E, out, in] held as E packed NF4 weights with their quantisation states."""
+
+    def __init__(self, num_experts: int, input_size: int, output_size: int, compute_dtype: torch.dtype):
         nn.Module.__init__(self)
-        self.num_experts, self.input_size, self.output_size = bank.num_experts, bank.input_size, bank.output_size
+        self.num_experts, self.input_size, self.output_size = num_experts, input_size, output_size
         self.compute_dtype = compute_dtype
-        self.states = []
-        bnbf = import_bitsandbytes().functional
-        for e, weight in enumerate(bank.weight.detach().unbind(0)):  # [out, in] each, quantised one at a time
-            packed, state = bnbf.quantize_4bit(weight.contiguous(), blocksize=BLOCKSIZE, quant_type="nf4", compress_statistics=True)
+        self.states = [None] * num_experts
+        for e in range(num_experts):  # empty until quantised or loaded; 2 weights per byte
             # a frozen parameter rather than a buffer: PEFT and the trainers look for a parameter's device
-            self.register_parameter(f"packed_{e}", nn.Parameter(packed, requires_grad=False))
-            self.states.append(state)
+            placeholder = torch.empty(output_size * input_size // 2, 1, dtype=torch.uint8, device="meta")
+            self.register_parameter(f"packed_{e}", nn.Parameter(placeholder, requires_grad=False))
+
+    @classmethod
+    def from_bank(cls, bank: JetMoeParallelExperts, compute_dtype: torch.dtype) -> "QuantizedExperts":
+        quantize_4bit = bitsandbytes().functional.quantize_4bit
+        quantized = cls(bank.num_experts, bank.input_size, bank.output_size, compute_dtype)
+        for e, weight in enumerate(bank.weight.detach().unbind(0)):  # [out, in] each, quantised one at a time
+            packed, quantized.states[e] = quantize_4bit(weight.contiguous(), blocksize=BLOCKSIZE, quant_type="nf4", compress_statistics=True)
+            setattr(quantized, f"packed_{e}", nn.Parameter(packed, requires_grad=False))
+        return quantized
 
     def forward(self, inputs: torch.Tensor, expert_size: list[int]) -> torch.Tensor:
-        bnb = import_bitsandbytes()
+        bnb = bitsandbytes()
         x = inputs.to(self.compute_dtype)
         outputs = [
             bnb.matmul_4bit(chunk, getattr(self, f"packed_{e}").t(), quant_state=self.states[e])
             for e, chunk in enumerate(x.split(expert_size, dim=0))
         ]
         return torch.cat(outputs, dim=0).to(inputs.dtype)
+
+    def dequantized(self, dtype: torch.dtype) -> JetMoeParallelExperts:
+        """The bank in full precision, as the 4-bit weights stand (to merge an adapter into)."""
+        dequantize_4bit = bitsandbytes().functional.dequantize_4bit
+        bank = JetMoeParallelExperts(self.num_experts, self.input_size, self.output_size)
+        weights = [dequantize_4bit(getattr(self, f"packed_{e}"), state) for e, state in enumerate(self.states)]
+        bank.weight = nn.Parameter(torch.stack(weights).to(dtype))
+        return bank
 
     def storage_bytes(self) -> int:
         """Bytes held for the bank: packed 4-bit weights, quantised block scales and their own scales."""
@@ -61,18 +87,109 @@ class QuantizedExperts(JetMoeParallelExperts):
                 total += state.state2.absmax.numel() * state.state2.absmax.element_size() + 4  # + the offset
         return total
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for e, state in enumerate(self.states):
+            for key, value in state.as_dict(packed=True).items():
+                destination[f"{prefix}state_{e}.{key}"] = value.clone()  # code books are shared; safetensors wants them apart
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        functional = bitsandbytes().functional
+        for e in range(self.num_experts):
+            own = f"{prefix}state_{e}."
+            found = {key[len(own) :]: state_dict.pop(key) for key in [k for k in state_dict if k.startswith(own)]}
+            if not found:
+                missing_keys.append(own + "*")
+                continue
+            self.states[e] = functional.QuantState.from_dict(found, device=found["absmax"].device)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
         for e, state in enumerate(self.states):  # keep each quantisation state on the packed weights' device
-            state.to(getattr(self, f"packed_{e}").device)
+            if state is not None:
+                state.to(getattr(self, f"packed_{e}").device)
         return self
+
+
+def _banks(model: nn.Module, kind: type):
+    return [(name, module) for name, module in model.named_modules() if type(module) is kind]
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module):
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child, module)
 
 
 def quantize_experts(model: nn.Module, compute_dtype: torch.dtype = torch.bfloat16) -> nn.Module:
     """Replace every JetMoE expert bank of `model` by its NF4 version, in place; returns the model."""
-    banks = [(name, module) for name, module in model.named_modules() if type(module) is JetMoeParallelExperts]
-    for name, bank in banks:
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, QuantizedExperts(bank, compute_dtype))
-    model.is_experts_4bit = True
+    for name, bank in _banks(model, JetMoeParallelExperts):
+        _replace(model, name, QuantizedExperts.from_bank(bank, compute_dtype))
+    setattr(model.config, MARK, {"quant_type": "nf4", "blocksize": BLOCKSIZE, "compute_dtype": str(compute_dtype).removeprefix("torch.")})
     return model
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return any(isinstance(m, QuantizedExperts) for m in model.modules())
+
+
+def dequantize_experts(model: nn.Module) -> nn.Module:
+    """Every NF4 bank back in the model's dtype, in place (an adapter trained on 4-bit merges into these)."""
+    for name, bank in _banks(model, QuantizedExperts):
+        _replace(model, name, bank.dequantized(bank.compute_dtype))
+    if hasattr(model.config, MARK):
+        delattr(model.config, MARK)
+    return model
+
+
+def is_quantized_checkpoint(path: str | Path) -> bool:
+    config = Path(path) / "config.json"
+    return config.is_file() and MARK in json.loads(config.read_text())
+
+
+def load_quantized(path: str | Path, **kwargs) -> nn.Module:
+    """A checkpoint saved by a model with NF4 expert banks, loaded as it is: nothing full-size is built."""
+    from accelerate import init_empty_weights
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path)
+    compute_dtype = getattr(torch, getattr(config, MARK)["compute_dtype"])
+    with init_empty_weights():  # parameters on the meta device until the checkpoint's own are assigned
+        model = AutoModelForCausalLM.from_config(config, dtype=compute_dtype, **kwargs)
+    for name, bank in _banks(model, JetMoeParallelExperts):
+        _replace(model, name, QuantizedExperts(bank.num_experts, bank.input_size, bank.output_size, compute_dtype))
+    state = {}
+    for shard in sorted(Path(path).glob("*.safetensors")):
+        state.update(load_file(shard))
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    still_meta = [n for n, p in model.named_parameters() if p.is_meta]
+    if still_meta or unexpected:
+        raise SmoeError(f"not a complete 4-bit checkpoint (missing {still_meta[:3]}, unexpected {unexpected[:3]})", str(path), "save it again with `smoe-align quantize`")
+    model.name_or_path = str(path)
+    return model
+
+
+@dataclass
+class QuantizeArgs:
+    model_name_or_path: str = ""
+    output_dir: str = ""
+    dtype: str = "bfloat16"  # what the NF4 experts compute in, and the dtype of everything else
+
+
+def run(args: QuantizeArgs):
+    """smoe-align quantize: a model (or adapter chain, merged) saved with NF4 expert banks, for QLoRA runs."""
+    from alignment.manifest import write_manifest
+    from alignment.models.jetmoe import load_causal_lm, load_tokenizer
+
+    started = time.time()
+    if not args.model_name_or_path or not args.output_dir:
+        raise SmoeError("quantize needs model_name_or_path and output_dir", "recipe", "set both")
+    model = load_causal_lm(args.model_name_or_path, args.dtype)
+    if not _banks(model, JetMoeParallelExperts):
+        raise SmoeError("the model has no JetMoE expert banks to quantize", args.model_name_or_path, "quantize a JetMoE model")
+    quantize_experts(model, model.dtype)
+    model.save_pretrained(args.output_dir)
+    load_tokenizer(args.model_name_or_path).save_pretrained(args.output_dir)
+    write_manifest(args.output_dir, "quantize", started, source=args.model_name_or_path)
