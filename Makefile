@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e ".[dev,quant]"
+	$(BIN)/pip install -q -e ".[dev,quant,alpaca_eval,ifeval]"
 	touch $@
 
 setup: $(VENV)/.installed

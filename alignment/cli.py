@@ -18,9 +18,11 @@ stages, in pipeline order:
   eval           held-out accuracy per skill and judge score of each model
   pipeline       every stage of a pipeline recipe, skipping complete ones, then the report
   estimate-memory  predicted peak training memory of an sft or dpo recipe: full, LoRA, QLoRA
+  export         a stage output (model, adapter, adapter chain) as one standalone merged model directory
+  chat           a conversation in the terminal: smoe-align chat --model DIR
 
 Keys are the recipe's dataclass fields (TRL / transformers names where they exist);
-`smoe-align <stage> --help` lists them."""
+`smoe-align <stage> --help` lists them. Without --config, the keys come from the command line alone."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,6 +31,14 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "estimate-memory":
         return estimate_memory(argv[1:])
+    if argv and argv[0] == "chat":
+        from alignment.export import chat
+
+        try:
+            return chat(argv[1:])
+        except SmoeError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in STAGES:
         print(USAGE)
         if argv and argv[0] not in ("-h", "--help"):

@@ -210,7 +210,7 @@ def resolve(path: str | Path | None, overrides: dict) -> dict:
     return values
 
 
-def load_recipe(path: str | Path, overrides: dict, classes: tuple) -> tuple[tuple, dict]:
+def load_recipe(path: str | Path | None, overrides: dict, classes: tuple) -> tuple[tuple, dict]:
     """Returns (instances, resolved values). The resolved values are what gets written beside the output."""
     values = resolve(path, overrides)
     flags = {RENAMED.get(k, ALIASES.get(k, k)) for k in overrides}

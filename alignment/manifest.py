@@ -57,11 +57,18 @@ def fingerprint(values: dict, output_dir: str | Path) -> dict:
         elif isinstance(value, list):
             for v in value:
                 walk(v)
-        elif isinstance(value, str) and value and (Path(value) / MANIFEST).is_file() and Path(value).resolve() != Path(output_dir).resolve():
+        elif isinstance(value, str) and _is_stage_output(value) and Path(value).resolve() != Path(output_dir).resolve():
             inputs[value] = hashlib.sha256((Path(value) / MANIFEST).read_bytes()).hexdigest()[:16]
 
     walk(values)
     return {"recipe": json.loads(json.dumps(values, default=str)), "inputs": inputs}
+
+
+def _is_stage_output(text: str) -> bool:
+    try:  # a recipe string may be a chat template, far too long for a path
+        return bool(text) and "\n" not in text and (Path(text) / MANIFEST).is_file()
+    except OSError:
+        return False
 
 
 def stale_reason(output_dir: str | Path, current: dict) -> str | None:

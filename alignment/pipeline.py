@@ -22,6 +22,8 @@ ENTRY_KEYS = {"name", "stage", "config", "overrides", "match_steps_of"}
 class PipelineArgs:
     output_dir: str = "runs/tiny"
     stages: list = field(default_factory=list)
+    history: str | None = None  # a JSONL file each finished run appends its figures to
+    readme: str | None = None  # a README whose marked block shows the latest run and the spread of the history
 
     def __post_init__(self):
         names = set()
@@ -40,10 +42,12 @@ class PipelineArgs:
             names.add(entry["name"])
         if not self.stages:
             raise ValueError("stages is empty")
+        if self.readme and not self.history:
+            raise ValueError("readme needs history (the runs whose spread it shows)")
 
 
 def run(args: PipelineArgs):
-    from alignment.report import write_report
+    from alignment.report import record_run, write_report
 
     started = time.time()
     outputs = {}
@@ -58,6 +62,8 @@ def run(args: PipelineArgs):
         except SmoeError as err:
             raise SmoeError(f"stage {entry['name']!r} failed: {err}", "pipeline", "fix it and rerun: complete stages are skipped") from None
     summary = write_report(outputs, args.output_dir, started)
+    if args.history and summary["models"]:
+        record_run(summary, args.history, args.readme)
     print(f"\nreport: {Path(args.output_dir) / 'report.md'}")
     print(summary["table"])
     return summary

@@ -2,6 +2,7 @@
 
 import json
 import os
+import platform
 import time
 from pathlib import Path
 
@@ -73,8 +74,8 @@ def write_report(outputs: dict, output_dir: str, started: float) -> dict:
             found = json.loads((Path(d) / "summary.json").read_text())
             if "models" in found:  # the skills benchmark
                 results.update(found["models"])
-            else:  # an MT-Bench-format benchmark: its own report goes in as a section
-                chat[name] = {"single": found["single"], "pairwise": found["pairwise"]}
+            else:  # a chat benchmark (MT-Bench format, AlpacaEval, IFEval): its own report goes in as a section
+                chat[name] = {k: found[k] for k in ("single", "pairwise", "alpaca_eval", "ifeval") if k in found}
                 section = (Path(d) / "report.md").read_text().replace("# ", "## ", 1)
                 chat_reports.append(section.replace("](report.png)", f"]({os.path.relpath(Path(d) / 'report.png', out)})"))
     mean = {name: r["mean_accuracy"] for name, r in results.items()}
@@ -86,11 +87,11 @@ def write_report(outputs: dict, output_dir: str, started: float) -> dict:
                 deltas[f"ddpo_minus_{control}"] = mean["ddpo"] - mean[control]
     timings = {name: manifests[name].get("seconds") for name in outputs}
     table = accuracy_table(results) if results else ""
-    summary = {"models": results, "chat_benchmarks": chat, "deltas": deltas, "stage_seconds": timings, "table": table, "wall_seconds": round(time.time() - started, 1)}
+    summary = {"models": results, "chat_benchmarks": chat, "deltas": deltas, "stage_seconds": timings, "table": table, "wall_seconds": round(time.time() - started, 1), "machine": machine()}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     if results or stage_logs:
         plot(stage_logs, results, out / "report.png")
-    lines = ["# smoe-align run report", "", "Held-out exact-match accuracy (%) against the true answers, greedy decoding.", "", table]
+    lines = ["# smoe-align run report", "", f"Measured on {summary['machine']['text']}.", "", "Held-out exact-match accuracy (%) against the true answers, greedy decoding.", "", table]
     for key, value in deltas.items():
         lines.append(f"- {key.replace('_', ' ')}: {value:+.1f} points")
     for control, what in CONTROLS.items():
@@ -101,3 +102,48 @@ def write_report(outputs: dict, output_dir: str, started: float) -> dict:
     lines += ["", "![training and accuracy](report.png)", ""]
     (out / "report.md").write_text("\n".join(lines))
     return summary
+
+
+def machine() -> dict:
+    """What the figures were measured on: the CPU (or GPU), its cores, and the library versions."""
+    import torch
+    from importlib.metadata import version
+
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")), cpu)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{os.cpu_count()}-core {cpu}"
+    versions = {name: version(name) for name in ("torch", "transformers", "trl", "peft")}
+    return {"device": device, **versions, "text": f"{device}, " + ", ".join(f"{k} {v}" for k, v in versions.items())}
+
+
+BEGIN, END = "<!-- tiny-demo:begin (written by the pipeline: do not edit) -->", "<!-- tiny-demo:end -->"
+
+
+def record_run(summary: dict, history: str | Path, readme: str | Path | None):
+    """Append this run's figures to `history` (JSONL, kept in the repository) and rewrite the README's
+    marked block: the latest run's table, and each model's mean over every recorded run (the spread)."""
+    history = Path(history)
+    history.parent.mkdir(parents=True, exist_ok=True)
+    row = {"date": time.strftime("%Y-%m-%d"), "machine": summary["machine"]["text"], "mean": {n: round(r["mean_accuracy"], 1) for n, r in summary["models"].items()},
+           "accuracy": {n: r["accuracy"] for n, r in summary["models"].items()}, "wall_seconds": summary["wall_seconds"]}
+    with history.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+    if readme is None:
+        return
+    runs = [json.loads(line) for line in history.read_text().splitlines() if line.strip()]
+    deltas = "; ".join(f"{k.replace('_', ' ')}: **{v:+.1f}**" for k, v in summary["deltas"].items())
+    spread = ["| model | " + " | ".join(f"run {i + 1}" for i in range(len(runs))) + " | range |", "|---" * (len(runs) + 2) + "|"]
+    for name in summary["models"]:
+        means = [r["mean"].get(name) for r in runs]
+        known = [m for m in means if m is not None]
+        spread.append(f"| {name} | " + " | ".join("" if m is None else f"{m:.1f}" for m in means) + f" | {max(known) - min(known):.1f} |")
+    machines = "\n".join(f"- run {i + 1}: {r['date']}, {r['machine']}, {r['wall_seconds'] / 60:.1f} min" for i, r in enumerate(runs))
+    block = "\n".join([BEGIN, f"Latest run ({row['date']}, {summary['machine']['text']}; pipeline {summary['wall_seconds'] / 60:.1f} min):", "", summary["table"], f"- {deltas}", "",
+                        f"Mean held-out accuracy of every recorded run ({history}): numbers move between CPUs and library versions", "in the last digits and, for the stages that learn abruptly, by a few points; the conclusions hold.", "", *spread, "", machines, END])
+    text = Path(readme).read_text()
+    if BEGIN not in text or END not in text:
+        raise ValueError(f"{readme} has no block marked {BEGIN} ... {END}")
+    head, rest = text.split(BEGIN, 1)
+    Path(readme).write_text(head + block + rest.split(END, 1)[1])

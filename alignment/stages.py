@@ -21,6 +21,7 @@ STAGES = {
     "quantize": ("alignment.models.quant", "QuantizeArgs", "run"),
     "eval": ("alignment.evaluate.stage", "EvalArgs", "run"),
     "pipeline": ("alignment.pipeline", "PipelineArgs", "run"),
+    "export": ("alignment.export", "ExportArgs", "run"),
 }
 
 

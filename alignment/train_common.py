@@ -1,14 +1,16 @@
 """What the sft and dpo stages share: training data, model set-up, resuming, and the manifest after training."""
 
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from trl import ModelConfig, get_peft_config
 
 from alignment.data import read_mixture, read_rows
 from alignment.errors import SmoeError
-from alignment.manifest import write_manifest
+from alignment.manifest import is_main_process, write_manifest
 from alignment.models.jetmoe import adapter_base, load_causal_lm, load_tokenizer, root_model
 from alignment.models.lora import expert_lora_config
 from alignment.models.quant import bitsandbytes, is_quantized, quantize_experts
@@ -58,9 +60,10 @@ def hold_out(rows: list[dict], size: int | float | None) -> tuple[list[dict], li
 
 
 def check_evaluation(training_args, held_out: list[dict]):
-    if str(training_args.eval_strategy) not in ("no", "IntervalStrategy.NO") and not held_out:
+    strategy = getattr(training_args.eval_strategy, "value", training_args.eval_strategy)  # an enum once parsed
+    if strategy != "no" and not held_out:
         raise SmoeError(
-            f"eval_strategy is {training_args.eval_strategy} but there are no evaluation rows",
+            f"eval_strategy is {strategy} but there are no evaluation rows",
             "recipe key eval_strategy",
             "set dataset_mixture.test_split_size, test splits in dataset_splits, or eval_dataset_path; or eval_strategy: no",
         )
@@ -72,6 +75,8 @@ def load_student(model_args: ModelConfig, data_args: DataArgs):
         raise SmoeError("4-bit weights train adapters only", "recipe key load_in_4bit", "set use_peft: true with lora_target_modules")
     if model_args.load_in_4bit:
         bitsandbytes()  # before the model loads: a missing package is reported at once
+    if model_args.dtype == "float16" and not torch.cuda.is_available():
+        raise SmoeError("float16 weights do not train on the CPU (autocast there is bfloat16 only)", "recipe key dtype (torch_dtype)", "use bfloat16 or float32 on the CPU")
     extra = {}
     if model_args.load_in_4bit and model_type(path) != "jetmoe":
         extra["quantization_config"] = linear_4bit_config(model_args, path)
@@ -101,7 +106,6 @@ def model_type(path: str) -> str | None:
 def linear_4bit_config(model_args: ModelConfig, path: str):
     """transformers' own 4-bit loading (NF4 nn.Linear layers) for models without JetMoE expert banks;
     routers and lm_head stay in full precision. 3-D fused expert weights are not nn.Linear: they stay too."""
-    import torch
     from transformers import BitsAndBytesConfig
 
     from alignment.models.quant import bitsandbytes
@@ -127,17 +131,23 @@ def take_trl_router_coef(training_args, moe, model):
         training_args.router_aux_loss_coef = None
 
 
-def last_whole_checkpoint(output_dir: str) -> str | None:
-    """The newest checkpoint whose trainer_state.json exists: the Trainer writes it last, so a save cut off by
-    a crash (which transformers' `get_last_checkpoint` would pick) is passed over."""
-    whole = [p for p in Path(output_dir).glob("checkpoint-*") if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").is_file()]
-    return str(max(whole, key=lambda p: int(p.name.split("-")[-1]))) if whole else None
+def last_complete_checkpoint(output_dir: str) -> str | None:
+    """The newest checkpoint written to its end: trainer_state.json is the last file the trainer writes into
+    one. Those cut off while being written are removed, so that neither resuming nor rotation picks them."""
+    checkpoints = sorted(Path(output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit() else -1)
+    for checkpoint in reversed(checkpoints):
+        if (checkpoint / "trainer_state.json").is_file():
+            return str(checkpoint)
+        if is_main_process():
+            print(f"[resume] {checkpoint} was cut off while being written; removing it", file=sys.stderr)
+            shutil.rmtree(checkpoint, ignore_errors=True)
+    return None
 
 
 def train_and_save(trainer, stage: str, started: float, **info):
-    """Resume from the newest whole checkpoint if a run was cut off, then save the model and the manifest."""
+    """Resume from the newest checkpoint if a run was cut off, then save the model and the manifest."""
     output_dir = trainer.args.output_dir
-    trainer.train(resume_from_checkpoint=last_whole_checkpoint(output_dir))
+    trainer.train(resume_from_checkpoint=last_complete_checkpoint(output_dir))
     trainer.save_model(output_dir)
     logs = trainer.state.log_history
     if trainer.is_world_process_zero():  # under torchrun / accelerate every rank runs this

@@ -34,6 +34,7 @@ STAGE_RECIPES = {
     "quantize": None,  # no shipped recipe: every key from the test
     "eval": "recipes/tiny/eval.yaml",
     "pipeline": "recipes/tiny/pipeline.yaml",
+    "export": None,
     "estimate-memory": "recipes/tiny/sft.yaml",
 }
 
@@ -44,9 +45,9 @@ def base_recipe(stage: str, root: Path) -> dict:
     recipe = read_yaml(STAGE_RECIPES[stage]) if STAGE_RECIPES[stage] else {}
     recipe["output_dir"] = str(root / "out")
     missing = str(root / "missing.jsonl")
-    if stage in ("sft", "dpo", "estimate-memory", "quantize"):
+    if stage in ("sft", "dpo", "estimate-memory", "quantize", "export"):
         recipe.update(dataset_path=missing, model_name_or_path=str(root / "no_model"))
-    if stage == "quantize":
+    if stage in ("quantize", "export"):
         recipe.pop("dataset_path")
     if stage in ("teacher-sft", "teacher-prefs"):
         recipe["prompts"] = missing
@@ -397,15 +398,3 @@ def test_spot_check_in_a_real_process(tmp_path):
     assert result.returncode == 2 and len(errors) == 1 and "Traceback" not in result.stderr
     assert all(name in errors[0] for name in names) and "  fix: give " in result.stderr
     assert not (tmp_path / "o").exists()  # refused before anything was written
-
-
-def test_a_checkpoint_cut_off_mid_save_is_not_resumed_from(tmp_path):
-    from alignment.train_common import last_whole_checkpoint
-
-    for step, whole in ((3, True), (10, True), (12, False)):  # step 12 was killed before its trainer_state.json
-        (tmp_path / f"checkpoint-{step}").mkdir()
-        (tmp_path / f"checkpoint-{step}" / "model.safetensors").write_text("")
-        if whole:
-            (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
-    assert last_whole_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-10")
-    assert last_whole_checkpoint(str(tmp_path / "none")) is None

@@ -59,13 +59,13 @@ HANDBOOK = "tests/fixtures/handbook"
 
 @pytest.fixture(scope="module")
 def tiny_bases(tmp_path_factory):
-    """Random-init Mistral and Mixtral models of a few thousand parameters, with the project's tokenizer."""
+    """Random-init Mistral and Mixtral models with the project's tokenizer (hidden 64: bitsandbytes' CPU kernel wants a block of 64)."""
     from transformers import MistralConfig, MistralForCausalLM, MixtralConfig, MixtralForCausalLM
 
     from alignment.models.tiny import build_tokenizer
 
     root, tokenizer = tmp_path_factory.mktemp("bases"), build_tokenizer()
-    shape = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    shape = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     bases = {"zephyr-7b-beta": MistralForCausalLM(MistralConfig(**shape)), "mixtral-8x7b": MixtralForCausalLM(MixtralConfig(**shape, num_local_experts=4, num_experts_per_tok=2))}
     for family, model in bases.items():
         model.save_pretrained(root / family)
@@ -108,6 +108,9 @@ def test_handbook_recipes_run_as_published_with_only_paths_changed(family, metho
         start = str(sft)
     recipe = f"{HANDBOOK}/{family}/dpo_{method}.yaml"
     args = localised(recipe, str(hub_copies / "ultrafeedback_binarized"), model_name_or_path=start, output_dir=dpo)
+    if read_yaml(recipe)["torch_dtype"] == "float16":  # the published dpo QLoRA dtype; float16 does not train on a CPU
+        assert main(["dpo", "--config", recipe, *args, *SHORT, *EVAL]) == 2 and "float16 weights do not train on the CPU" in capsys.readouterr().err
+        args += ["--torch_dtype", "bfloat16"]
     assert main(["dpo", "--config", recipe, *args, *SHORT, *EVAL]) == 0, capsys.readouterr().err
     err = capsys.readouterr().err
     assert "'max_prompt_length' is ignored" in err

@@ -91,8 +91,8 @@ def test_bad_input_names_file_and_row(tmp_path):
     good = {"question_id": 1, "category": "writing", "turns": ["hi"]}
     with pytest.raises(SmoeError, match=r"bad.jsonl: row 2: `turns` must be"):
         mt.load_questions(bad_file(tmp_path, [good, {"question_id": 2, "category": "writing", "turns": []}]))
-    with pytest.raises(SmoeError, match=r"row 1: unknown category 'poetry'"):
-        mt.load_questions(bad_file(tmp_path, [{**good, "category": "poetry"}]))
+    with pytest.raises(SmoeError, match=r"row 1: no category"):
+        mt.load_questions(bad_file(tmp_path, [{"question_id": 1, "turns": ["hi"]}]))
     with pytest.raises(SmoeError, match=r"row 1: judge prompt 'single-v1' lacks the placeholders \['answer'\]"):
         mt.load_judge_prompts(bad_file(tmp_path, [{"name": "single-v1", "system_prompt": "", "prompt_template": "{question}"}]))
     answer = {"question_id": 99, "choices": [{"index": 0, "turns": ["x"]}]}
@@ -141,3 +141,86 @@ def test_end_to_end_with_transformers_serve_as_the_judge(tmp_path, served, micro
     single = json.loads((tmp_path / "eval" / "summary.json").read_text())["single"]["tiny"]
     assert single["judged"] + single["judge_failures"] == 6  # an untrained judge: its failures are counted, not guessed
     assert all(re.match(r"^[0-9a-f]{64}$", json.loads(line)["key"]) for line in open(tmp_path / "eval" / "judgment_cache.jsonl"))
+
+
+VICUNA = FIXTURES / "vicuna_bench_question.jsonl"  # our own 80 questions in vicuna_bench's format and categories
+
+
+def test_vicuna_bench_format_runs_without_categories(tmp_path, server):
+    summary = run_eval(tmp_path, server, question_file=VICUNA)
+    good = summary["single"]["good"]
+    assert good["judged"] == 80 and good["overall"] == 9.0
+    assert set(good["per_category"]) == {"generic", "knowledge", "roleplay", "common-sense", "fermi", "counterfactual", "coding", "math", "writing"}
+    assert summary["pairwise"]["good"]["win"] == 80
+
+
+def test_temperature_per_category_with_fastchat_default(monkeypatch):
+    seen = {}
+
+    class Recorder:
+        def complete(self, conversations, sampling):
+            for c in conversations:
+                seen[c[-1]["content"]] = sampling.temperature
+            return [[type("A", (), {"text": "x"})()] for _ in conversations]
+
+    monkeypatch.setattr(mt, "make_teacher", lambda spec, where: Recorder())
+    questions = mt.load_questions(str(VICUNA))
+    mt.answer_questions({"backend": "openai"}, questions, 4, 0)
+    by_category = {q["category"]: seen[q["turns"][0]] for q in questions}
+    assert by_category["math"] == 0.0 and by_category["coding"] == 0.0 and by_category["writing"] == 0.7
+    assert by_category["fermi"] == by_category["generic"] == mt.DEFAULT_TEMPERATURE == 0.7
+
+
+def test_categories_restrict_only_when_given(tmp_path):
+    assert len(mt.load_questions(str(VICUNA), categories=None)) == 80
+    with pytest.raises(SmoeError, match=r"row 1: category 'generic' is not under `categories`"):
+        mt.load_questions(str(VICUNA), categories=["writing", "math"])
+
+
+def test_unparsed_only_comparison_reports_no_verdicts(tmp_path):
+    def reply(model, messages):
+        text = messages[-1]["content"]
+        if model in ("good", "bad"):
+            return f"{model} answer"
+        return "I cannot decide." if "[Assistant A" in text else "Rating: [[5]]"
+
+    server = FaultServer(reply=reply)
+    try:
+        summary = run_eval(tmp_path, server)
+    finally:
+        server.close()
+    pair = summary["pairwise"]["good"]
+    assert pair["win_rate"] is None and pair["win_rate_ci95"] is None and pair["judge_failures"] == 6
+    assert pair["length_controlled_win_rate"] is None
+    report = (tmp_path / "eval" / "report.md").read_text()
+    assert "no verdicts" in report and "nan" not in report
+    rows = [json.loads(line) for line in open(tmp_path / "eval" / "model_judgment" / "judge_pair.jsonl")]
+    assert {(r["g1_winner"], r["g2_winner"]) for r in rows} == {("error", "error")}
+
+
+def test_fastchat_show_result_reads_our_model_judgment_files(tmp_path, server, capsys):
+    """FastChat's own show_result.py (the fschat package) on the files we write."""
+    show_result = pytest.importorskip("fastchat.llm_judge.show_result")
+    import argparse
+
+    import pandas as pd
+
+    summary = run_eval(tmp_path, server, question_file=VICUNA, reference_answers=FIXTURES / "reference_answer.jsonl")
+    judged = tmp_path / "eval" / "model_judgment"
+    single = [json.loads(line) for line in open(judged / "judge_single.jsonl")]
+    assert set(single[0]) == {"question_id", "model", "judge", "user_prompt", "judgment", "score", "turn", "tstamp"}
+    assert single[0]["judge"] == ["judge", "single-v1"] and single[0]["user_prompt"].startswith("[Question]")
+    pair = [json.loads(line) for line in open(judged / "judge_pair.jsonl")]
+    assert set(pair[0]) == {"question_id", "model_1", "model_2", "g1_winner", "g2_winner", "judge", "g1_user_prompt", "g1_judgment", "g2_user_prompt", "g2_judgment", "turn", "tstamp"}
+    assert {(r["g1_winner"], r["g2_winner"]) for r in pair} == {("model_1", "model_1")}
+
+    args = argparse.Namespace(input_file=str(judged / "judge_single.jsonl"), bench_name="vicuna_bench", judge_model="judge", model_list=None, baseline_model="bad")
+    show_result.display_result_single(args)
+    printed = capsys.readouterr().out
+    assert re.search(r"good\s+1\s+9\.0", printed) and re.search(r"bad\s+1\s+2\.0", printed)
+    args.input_file = str(judged / "judge_pair.jsonl")
+    show_result.display_result_pairwise(args)
+    printed = capsys.readouterr().out
+    win_rate_adjusted = float(re.search(r"good\s+80\s+0\s+0\s+\S+\s+\S+\s+(\S+)", printed).group(1))
+    assert win_rate_adjusted == summary["pairwise"]["good"]["win_rate"] == 1.0
+    assert pd.read_json(judged / "judge_single.jsonl", lines=True)["score"].mean() == 5.5  # 9 for good, 2 for bad

@@ -83,6 +83,6 @@ def test_pipeline_runs_resumes_and_reports(tmp_path, micro_model, capsys):
     out = capsys.readouterr().out
     assert "rerunning " + str(tmp_path / "sft") + ": the recipe changed: learning_rate 0.001 -> 0.0003" in out
     assert out.count("is complete, built from this recipe and these inputs; skipping") == 2  # sft_data, control_data
-    assert out.count("its input changed") == 7  # pref_data, ddpo, the two controls, eval, chat_eval ... and dsft's readers
+    assert out.count("its input changed") == 6  # pref_data, ddpo, the two controls, eval, chat_eval: all that read dsft
     assert (tmp_path / "sft.previous" / "manifest.json").is_file()  # the old output set aside, not deleted
     assert json.loads((tmp_path / "eval" / "results" / "dsft.json").read_text()) != old_eval

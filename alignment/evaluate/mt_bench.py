@@ -5,11 +5,14 @@ answer_id, model_id, choices: [{index, turns}], tstamp}) for model answers and r
 `judge_prompts.jsonl` ({name, type, system_prompt, prompt_template, output_format, ...}). Our own judge
 prompts (same names and placeholders, our wording) are used when no judge-prompt file is given.
 
-Turn 2 sees the model's own turn-1 answer. Sampling temperature is set per category as MT-Bench does.
+Any category is read (vicuna_bench's generic, fermi, ... as well as MT-Bench's eight); `categories`
+restricts them only when given. Turn 2 sees the model's own turn-1 answer. Sampling temperature is set
+per category as FastChat does, 0.7 for a category it has no entry for.
 Grading is reference-guided for math, reasoning and coding when a reference answer exists. Pairwise
 verdicts are judged in both orders and a disagreement is a tie. Verdicts that cannot be parsed are
-counted and excluded, never guessed. Judgments are cached by (judge, prompt), so a rerun pays nothing
-twice.
+counted and excluded, never guessed; the length-controlled win rate is AlpacaEval 2's model
+(`length_control`). Judgments are also written in FastChat's `model_judgment` format, which its
+show_result.py reads. They are cached by (judge, prompt), so a rerun pays nothing twice.
 """
 
 import hashlib
@@ -21,12 +24,13 @@ from pathlib import Path
 
 from alignment.data import read_rows
 from alignment.errors import SmoeError
+from alignment.evaluate.length_control import length_controlled_win_rate
 from teacher_data import skills
 from teacher_data.judge import SWAP, combine_orders, parse_rating, parse_verdict
 from teacher_data.teachers import Sampling, make_teacher
 
-MT_BENCH_CATEGORIES = ("writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities")
 CATEGORY_TEMPERATURE = {"writing": 0.7, "roleplay": 0.7, "extraction": 0.0, "math": 0.0, "coding": 0.0, "reasoning": 0.0, "stem": 0.1, "humanities": 0.1}
+DEFAULT_TEMPERATURE = 0.7  # FastChat's, for categories missing above
 NEEDS_REFERENCE = {"math", "reasoning", "coding"}
 
 PLACEHOLDERS = {
@@ -78,14 +82,15 @@ def load_questions(path: str, categories: list[str] | None = None, per_skill: in
     """A question.jsonl file, or `skills:<split>` for two-turn skills questions checked by the skills judge."""
     if path.startswith("skills:"):
         return skills_questions(path.split(":", 1)[1], per_skill, seed)
-    allowed = set(categories or MT_BENCH_CATEGORIES)
     questions, seen = [], set()
     for i, row in enumerate(read_rows(path), 1):
         turns = row.get("turns")
         if not isinstance(turns, list) or not turns or not all(isinstance(t, str) and t.strip() for t in turns):
             raise SmoeError(f"row {i}: `turns` must be a non-empty list of non-empty strings", path, "give each question its user turns")
-        if row.get("category") not in allowed:
-            raise SmoeError(f"row {i}: unknown category {row.get('category')!r}", path, f"use one of {sorted(allowed)}, or list yours under `categories`")
+        if not isinstance(row.get("category"), str) or not row["category"]:
+            raise SmoeError(f"row {i}: no category", path, "give every question a category (any name; FastChat's temperature applies where it has one)")
+        if categories and row["category"] not in categories:
+            raise SmoeError(f"row {i}: category {row['category']!r} is not under `categories`", path, f"use one of {sorted(categories)}, or drop `categories` to accept any")
         if "question_id" not in row or row["question_id"] in seen:
             raise SmoeError(f"row {i}: missing or repeated question_id", path, "give every question a unique question_id")
         seen.add(row["question_id"])
@@ -130,17 +135,22 @@ def load_judge_prompts(path: str | None) -> dict:
     return prompts
 
 
-def answer_questions(spec: dict, questions: list[dict], max_new_tokens: int, seed: int) -> dict:
-    """{question_id: [answer per turn]}; turn k sees the model's own earlier answers."""
+def answer_questions(spec: dict, questions: list[dict], max_new_tokens: int, seed: int, temperature: float | None = None) -> dict:
+    """{question_id: [answer per turn]}; turn k sees the model's own earlier answers. One `temperature`
+    for every question, or FastChat's per category when it is None."""
     teacher = make_teacher(spec, f"model {spec.get('name')}")
     histories = {q["question_id"]: [] for q in questions}
+
+    def temperature_of(q):
+        return CATEGORY_TEMPERATURE.get(q["category"], DEFAULT_TEMPERATURE) if temperature is None else temperature
+
     for turn in range(max(len(q["turns"]) for q in questions)):
         asked = [q for q in questions if turn < len(q["turns"])]
-        for temperature in sorted({CATEGORY_TEMPERATURE.get(q["category"], 0.7) for q in asked}):
-            group = [q for q in asked if CATEGORY_TEMPERATURE.get(q["category"], 0.7) == temperature]
+        for t in sorted({temperature_of(q) for q in asked}):
+            group = [q for q in asked if temperature_of(q) == t]
             for q in group:
                 histories[q["question_id"]].append({"role": "user", "content": q["turns"][turn]})
-            out = teacher.complete([histories[q["question_id"]] for q in group], Sampling(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed))
+            out = teacher.complete([histories[q["question_id"]] for q in group], Sampling(temperature=t, max_new_tokens=max_new_tokens, seed=seed))
             for q, (answer,) in zip(group, out):
                 histories[q["question_id"]].append({"role": "assistant", "content": answer.text or ""})
     return {qid: [m["content"] for m in h if m["role"] == "assistant"] for qid, h in histories.items()}
@@ -223,34 +233,13 @@ def pair_requests(prompts, question, a, b, reference) -> list[tuple[int, str, tu
     return out
 
 
-def bootstrap_ci(outcomes: list[float], samples: int = 1000, seed: int = 0) -> tuple[float, float]:
-    """95% percentile interval of the mean of per-question outcomes (win 1, tie 0.5, loss 0)."""
+def bootstrap_ci(outcomes: list[float], samples: int = 1000, seed: int = 0) -> tuple[float, float] | None:
+    """95% percentile interval of the mean of per-question outcomes (win 1, tie 0.5, loss 0); None without any."""
     if not outcomes:
-        return (float("nan"), float("nan"))
+        return None
     rng = random.Random(seed)
     means = sorted(sum(rng.choices(outcomes, k=len(outcomes))) / len(outcomes) for _ in range(samples))
     return means[int(0.025 * samples)], means[int(0.975 * samples) - 1]
-
-
-def length_controlled_win_rate(outcomes: list[float], length_diffs: list[float], steps: int = 200) -> float:
-    """Win rate at equal length: logistic regression of the outcome on the (scaled) length difference,
-    read off at a difference of zero (the idea of AlpacaEval's length control, in its simplest form)."""
-    import math
-
-    if not outcomes:
-        return float("nan")
-    scale = (sum(d * d for d in length_diffs) / len(length_diffs)) ** 0.5 or 1.0
-    xs = [math.tanh(d / scale) for d in length_diffs]
-    a = b = 0.0
-    for _ in range(steps):  # gradient ascent on the log-likelihood; ties count as half a win
-        ga = gb = 0.0
-        for x, y in zip(xs, outcomes):
-            p = 1 / (1 + math.exp(-(a + b * x)))
-            ga += y - p
-            gb += (y - p) * x
-        a += ga / len(xs)
-        b += gb / len(xs)
-    return 1 / (1 + math.exp(-a))
 
 
 def model_spec(entry: dict) -> dict:
@@ -268,8 +257,8 @@ def grade_single(judge: CachedJudge, prompts, questions, answers, references) ->
         texts = judge.ask([request for *_, request in jobs])
         ratings = [parse_rating(t) for t in texts]
     return [
-        {"question_id": q["question_id"], "category": q["category"], "turn": turn, "judge_prompt": name, "rating": rating, "judgment": text}
-        for (q, turn, name, _), rating, text in zip(jobs, ratings, texts)
+        {"question_id": q["question_id"], "category": q["category"], "turn": turn, "judge_prompt": name, "user_prompt": request[1], "rating": rating, "judgment": text}
+        for (q, turn, name, request), rating, text in zip(jobs, ratings, texts)
     ]
 
 
@@ -286,7 +275,7 @@ def grade_pairs(judge: CachedJudge, prompts, questions, mine, baseline, referenc
             else:
                 texts = tuple(judge.ask([first, second]))
                 verdicts = tuple(parse_verdict(t) for t in texts)
-            rows.append({"question_id": q["question_id"], "category": q["category"], "turn": turn, "judge_prompt": name, "verdicts": verdicts, "judgment": list(texts), "length_diff": len(a[turn - 1]) - len(b[turn - 1])})
+            rows.append({"question_id": q["question_id"], "category": q["category"], "turn": turn, "judge_prompt": name, "user_prompts": [first[1], second[1]], "verdicts": verdicts, "judgment": list(texts), "length_diff": len(a[turn - 1]) - len(b[turn - 1])})
     for row in rows:  # unparsed: None, counted and excluded; the two orders disagreeing: a tie
         row["outcome"] = {"A": 1.0, "B": 0.0, "C": 0.5, None: None}[combine_orders(*row["verdicts"])]
     return rows
@@ -317,5 +306,31 @@ def summarise_pairs(rows: list[dict], samples: int, seed: int, length_controlled
         "judge_failures": len(rows) - len(judged),
     }
     if length_controlled:
-        summary["length_controlled_win_rate"] = length_controlled_win_rate(outcomes, [r["length_diff"] for r in judged])
+        summary["length_controlled_win_rate"] = length_controlled_win_rate([r["outcome"] for r in rows], [r["length_diff"] for r in rows])
     return summary
+
+
+# FastChat's model_judgment rows: an unparsed score is -1, an unparsed verdict "error" (show_result.py drops both)
+G1_WINNER = {"A": "model_1", "B": "model_2", "C": "tie", None: "error"}
+G2_WINNER = {"A": "model_2", "B": "model_1", "C": "tie", None: "error"}  # the second game shows the pair swapped
+
+
+def judge_file_stem(judge_name: str) -> str:
+    return re.sub(r"[^\w.-]+", "_", judge_name).strip("_") or "judge"
+
+
+def fastchat_single_rows(model: str, judge_name: str, rows: list[dict]) -> list[dict]:
+    return [
+        {"question_id": r["question_id"], "model": model, "judge": [judge_name, r["judge_prompt"]], "user_prompt": r["user_prompt"],
+         "judgment": r["judgment"] or "", "score": -1 if r["rating"] is None else r["rating"], "turn": r["turn"], "tstamp": time.time()}
+        for r in rows
+    ]
+
+
+def fastchat_pair_rows(model: str, baseline: str, judge_name: str, rows: list[dict]) -> list[dict]:
+    return [
+        {"question_id": r["question_id"], "model_1": model, "model_2": baseline, "g1_winner": G1_WINNER[r["verdicts"][0]], "g2_winner": G2_WINNER[r["verdicts"][1]],
+         "judge": [judge_name, r["judge_prompt"]], "g1_user_prompt": r["user_prompts"][0], "g1_judgment": r["judgment"][0] or "",
+         "g2_user_prompt": r["user_prompts"][1], "g2_judgment": r["judgment"][1] or "", "turn": r["turn"], "tstamp": time.time()}
+        for r in rows
+    ]

@@ -23,24 +23,32 @@ def run(args):
     for entry in args.models:
         path = out / "model_answer" / f"{entry['name']}.jsonl"
         if not path.is_file():  # answers are kept, so a rerun only judges
-            found = mt.answer_questions(mt.model_spec(entry), questions, args.max_new_tokens, args.seed)
+            found = mt.answer_questions(mt.model_spec(entry), questions, args.max_new_tokens, args.seed, args.temperature)
             write_jsonl(mt.answer_rows(entry["name"], found), path)
         answers[entry["name"]] = mt.load_answer_file(str(path), ids, require_all=True)
 
     judge = mt.CachedJudge(args.judge, out / "judgment_cache.jsonl", args.judge_max_new_tokens)
     summary, judgments = {"judge": judge.name, "questions": len(questions), "single": {}, "pairwise": {}}, []
+    fastchat_single, fastchat_pair = [], []  # FastChat's model_judgment files, read by its show_result.py
     for name, found in answers.items():
         rows = mt.grade_single(judge, prompts, questions, found, references)
         judgments += [{"model": name, "mode": "single", **r} for r in rows]
+        fastchat_single += mt.fastchat_single_rows(name, judge.name, rows)
         summary["single"][name] = mt.summarise_single(rows)
     if args.baseline:
         for name, found in answers.items():
             if name != args.baseline:
                 rows = mt.grade_pairs(judge, prompts, questions, found, answers[args.baseline], references)
                 judgments += [{"model": name, "baseline": args.baseline, "mode": "pairwise", **r} for r in rows]
+                fastchat_pair += mt.fastchat_pair_rows(name, args.baseline, judge.name, rows)
                 summary["pairwise"][name] = mt.summarise_pairs(rows, args.bootstrap_samples, args.seed, args.length_controlled)
     summary["judge_calls_this_run"] = judge.calls
     write_jsonl(judgments, out / "judgments.jsonl")
+    stem = out / "model_judgment" / mt.judge_file_stem(judge.name)
+    stem.parent.mkdir(exist_ok=True)
+    write_jsonl(fastchat_single, Path(f"{stem}_single.jsonl"))
+    if fastchat_pair:
+        write_jsonl(fastchat_pair, Path(f"{stem}_pair.jsonl"))
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     (out / "report.md").write_text(report(summary, args.baseline))
     plot_categories({n: s["per_category"] for n, s in summary["single"].items()}, out / "report.png")
@@ -63,8 +71,9 @@ def report(summary: dict, baseline: str | None) -> str:
     if summary["pairwise"]:
         lines += ["", f"Pairwise against {baseline} (both orders; a disagreement is a tie):", "", "| model | win | tie | loss | win rate | 95% CI | length-controlled | judge failures |", "|---|---|---|---|---|---|---|---|"]
         for name, p in summary["pairwise"].items():
-            low, high = p["win_rate_ci95"]
-            lines.append(f"| {name} | {p['win']} | {p['tie']} | {p['loss']} | **{_fmt(p['win_rate'])}** | {_fmt(low)}-{_fmt(high)} | {_fmt(p.get('length_controlled_win_rate'))} | {p['judge_failures']} |")
+            interval = "no verdicts" if p["win_rate_ci95"] is None else "-".join(_fmt(x) for x in p["win_rate_ci95"])
+            win_rate = "no verdicts" if p["win_rate"] is None else f"**{_fmt(p['win_rate'])}**"
+            lines.append(f"| {name} | {p['win']} | {p['tie']} | {p['loss']} | {win_rate} | {interval} | {_fmt(p.get('length_controlled_win_rate'))} | {p['judge_failures']} |")
     return "\n".join(lines + ["", "![scores per category](report.png)", ""])
 
 
