@@ -223,7 +223,6 @@ READERS = {
         "non-string turns": ({"question_id": 2, "category": "writing", "turns": ["fine", 5]}, "row 2"),
         "empty turns": ({"question_id": 2, "category": "writing", "turns": []}, "row 2"),
         "repeated question_id": ({"question_id": 1, "category": "writing", "turns": ["again"]}, "row 2"),
-        "unknown category": ({"question_id": 2, "category": "poetry", "turns": ["x"]}, "row 2"),
     }),
     "judge prompts": ({"name": "single-v1", "type": "single", "system_prompt": "Grade.", "prompt_template": "{question} {answer} [[N]]", "output_format": "[[rating]]"}, {
         "non-string template": ({"name": "pair-v2", "system_prompt": "x", "prompt_template": ["{question}"]}, "row 2"),
