@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def estimate_memory(argv: list[str]) -> int:
     """Reads an sft / dpo recipe (plus --key value overrides of its keys) and prints the estimate."""
-    from alignment.configs import build, check_keys, field_names, parse_overrides, resolve
+    from alignment.configs import build, check_keys, check_values, field_names, parse_overrides, resolve
     from alignment.memory import MemoryArgs, format_estimate, guess_stage, run_estimate
     from alignment.stages import recipe_classes
 
@@ -80,10 +80,11 @@ def estimate_memory(argv: list[str]) -> int:
             raise SmoeError("no recipe given", "smoe-align estimate-memory", "pass --config RECIPE.yaml (an sft or dpo recipe)")
         overrides = parse_overrides(argv[2:])
         own = {k: overrides.pop(k) for k in list(overrides) if k in field_names(MemoryArgs)}
-        (args,) = build(own, (MemoryArgs,), "command line")
+        (args,) = build(own, (MemoryArgs,), "command line", flags=set(own))
         recipe = resolve(argv[1], overrides)
         args.stage = args.stage or guess_stage(recipe)
         check_keys(recipe, field_names(*recipe_classes(args.stage)), argv[1])
+        check_values(recipe, recipe_classes(args.stage), argv[1], flags=set(overrides))
         print(format_estimate(run_estimate(recipe, args)))
         return 0
     except SmoeError as err:

@@ -2,14 +2,19 @@
 
 A stage declares the dataclasses it reads (its own arguments plus TRL's `SFTConfig` / `DPOConfig` /
 `ModelConfig` where they apply, so keys keep their TRL / transformers names). `load_recipe` merges the
-YAML with `--key value` overrides, reports every unknown key at once with the closest known name, and
-turns the errors raised by the dataclasses' own checks into `SmoeError`s that name the recipe.
+YAML with `--key value` overrides, reports every unknown key at once with the closest known name, checks
+every value against its field's annotation and the range its name implies (before anything is loaded),
+and turns the errors raised by the dataclasses' own checks into `SmoeError`s that name the recipe.
 """
 
 import dataclasses
 import difflib
+import enum
+import functools
 import re
 import sys
+import types
+import typing
 from pathlib import Path
 
 import yaml
@@ -77,16 +82,107 @@ def check_keys(values: dict, known: set[str], where: str):
         )
 
 
-def build(values: dict, classes: tuple, where: str) -> tuple:
-    """Instantiate each dataclass from the keys it owns; keys may be shared (e.g. `seed`)."""
+# key pattern -> (lowest, highest, whether the lowest itself is allowed); the first match counts. A field's
+# own default always passes (max_steps -1 means "unset").
+RANGES = {
+    r"dropout$|^top_p$|^adam_beta\d$|^label_smoothing|mixup_alpha$|^ld_alpha$": (0, 1, True),
+    r"^(num_train_epochs|logging_steps|save_steps|eval_steps|beta|adam_epsilon|lora_alpha)$": (0, None, False),
+    r"rate$|^weight_decay$|^warmup_steps$|_coef$|^max_grad_norm$|seed$|_workers$|^temperature$|_margin$|_tau$|^eval_delay$|noise_alpha$|^prompts_per_skill$": (0, None, True),
+    r"batch_size$|accumulation_steps$|_sync_steps$|_cache_steps$|^max_|max_new_tokens$|^num_|_size$|^lora_r$|_ngram$|_samples$|^seq_len$|^kv_channels$|^save_total_limit$|_prefetch_factor$|_timeout$|^dataset_num_proc$": (1, None, True),
+}
+_KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a mapping", list: "a list", type(None): "null"}
+_PLURALS = {bool: "true/false values", int: "integers", float: "numbers", str: "strings", dict: "mappings"}
+
+
+def _accepts(hint, value) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if any(isinstance(a, type) and issubclass(a, enum.Enum) for a in args):
+            args = [a for a in args if a is not str]  # `SchedulerType | str` takes the enum's values only
+        return any(_accepts(a, value) for a in args)
+    if origin is typing.Literal:
+        return value in args
+    if origin in (list, tuple) or hint in (list, tuple):
+        if not args:
+            return isinstance(value, list)
+        return all(_accepts(args[0], v) for v in (value if isinstance(value, list) else [value]))  # one value: a one-item list, as on the command line
+    if origin is dict or hint is dict:
+        return isinstance(value, dict)
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return isinstance(value, hint) or any(value == e.value for e in hint)
+    if hint in (int, float):
+        return isinstance(value, (int, float) if hint is float else int) and not isinstance(value, bool)
+    return hint is typing.Any or not isinstance(hint, type) or isinstance(value, hint)
+
+
+def _describe(hint) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if any(isinstance(a, type) and issubclass(a, enum.Enum) for a in args):
+            args = [a for a in args if a is not str]
+        return " or ".join(dict.fromkeys(_describe(a) for a in args))
+    if origin is typing.Literal or (isinstance(hint, type) and issubclass(hint, enum.Enum)):
+        return "one of " + ", ".join(repr(getattr(a, "value", a)) for a in (args or hint))
+    if origin in (list, tuple) and args:
+        return "a list of " + _PLURALS.get(args[0], f"items each {_describe(args[0])}")
+    return _KINDS.get(origin or hint, f"a {getattr(hint, '__name__', hint)} (not settable from a recipe)")
+
+
+_type_hints = functools.cache(typing.get_type_hints)  # TrainingArguments' string annotations take a while to evaluate
+
+
+def _out_of_range(name: str, value) -> str | None:
+    """What a number named `name` must be, when `value` lies outside the range RANGES gives that name."""
+    low, high, closed = next((r for p, r in RANGES.items() if re.search(p, name)), (None, None, True))
+    if low is None or ((value >= low if closed else value > low) and (high is None or value <= high)):
+        return None
+    return f"a number from {low} to {high}" if high is not None else f"a number of at least {low}" if closed else f"a number above {low}"
+
+
+def _place(key: str, where: str, flags) -> str:
+    return f"override --{key}" if key in flags else f"{where}: key {key}"
+
+
+def check_values(values: dict, classes: tuple, where: str, flags=()):
+    """Each value against its field's annotation, its `choices` and the range its name implies; the first bad
+    one stops with the recipe file (or the override flag), the key, the value and what was expected."""
+    for cls in classes:
+        hints = _type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if not f.init or f.name not in values:
+                continue
+            value, hint, choices = values[f.name], hints[f.name], f.metadata.get("choices")
+            expected = None
+            if not _accepts(hint, value):
+                expected = _describe(hint)
+            elif choices and value is not None and not all(v in list(choices) for v in (value if isinstance(value, list) else [value])):
+                expected = "one of " + ", ".join(map(repr, choices))
+            elif isinstance(value, (int, float)) and not isinstance(value, bool) and value != f.default:
+                expected = _out_of_range(f.name, value)
+            if expected is None:
+                continue
+            place = _place(f.name, where, flags)
+            quote = " (YAML reads unquoted yes/no/on/off as true/false: quote the word)" if isinstance(value, bool) and "string" in expected else ""
+            default = f" (its default: {f.default!r})" if f.default not in (None, dataclasses.MISSING) else ""
+            raise SmoeError(f"{value!r} is not {expected}", place, f"give {f.name} {expected}{default}{quote}")
+
+
+def build(values: dict, classes: tuple, where: str, flags=()) -> tuple:
+    """Instantiate each dataclass from the keys it owns; keys may be shared (e.g. `seed`).
+
+    `flags` are the keys that came from the command line, so that an error names the flag."""
     check_keys(values, field_names(*classes), where)
+    check_values(values, classes, where, flags)
     built = []
     for cls in classes:
         own = {k: v for k, v in values.items() if k in field_names(cls)}
         try:
             built.append(cls(**own))
         except (ValueError, TypeError) as err:
-            raise SmoeError(f"invalid recipe for {cls.__name__}: {err}", where, "correct the keys named above") from None
+            # name the key when the class's own message mentions exactly one key or one key's value
+            named = [k for k, v in own.items() if re.search(rf"\b{k}\b", str(err)) or (isinstance(v, str) and len(v) > 3 and v in str(err))]
+            place = _place(named[0], where, flags) if len(named) == 1 else where
+            raise SmoeError(f"invalid recipe for {cls.__name__}: {err}", place, "correct the keys named above") from None
     return tuple(built)
 
 
@@ -117,7 +213,8 @@ def resolve(path: str | Path | None, overrides: dict) -> dict:
 def load_recipe(path: str | Path | None, overrides: dict, classes: tuple) -> tuple[tuple, dict]:
     """Returns (instances, resolved values). The resolved values are what gets written beside the output."""
     values = resolve(path, overrides)
-    return build(values, classes, str(path) if path else "command line"), values
+    flags = {RENAMED.get(k, ALIASES.get(k, k)) for k in overrides}
+    return build(values, classes, str(path) if path else "command line", flags=flags), values
 
 
 def write_resolved(values: dict, output_dir: str | Path):

@@ -39,7 +39,9 @@ def _from_datasets(dataset, split: str | None = None, where: str = "") -> list[d
         if split is not None and split not in dataset:
             raise SmoeError(f"no split {split!r} (found {sorted(dataset)})", where, "name one of the splits it has")
         splits = [split] if split else ([s for s in dataset if s.startswith("train")] or list(dataset))
-        dataset = dataset[splits[0]]
+        split, dataset = splits[0], dataset[splits[0]]
+    if len(dataset) == 0:
+        raise SmoeError(f"split {split or 'train'!r} has no rows", where, "point at a split that holds data")
     return dataset.to_list()
 
 
@@ -50,7 +52,20 @@ def is_hub_id(source: str | Path) -> bool:
 
 
 def read_rows(source: str | Path, split: str | None = None, config: str | None = None) -> list[dict]:
-    """Rows of a dataset; `split` picks a split of a `datasets` directory or hub dataset (else the first train split)."""
+    """Rows of a dataset; `split` picks a split of a `datasets` directory or hub dataset (else the first train
+    split), `config` a hub dataset's configuration.
+
+    An empty file or split, and a row that is not a JSON object, stop with the file and row."""
+    rows = _rows(source, split, config)
+    if not rows:
+        raise SmoeError("no rows: the dataset is empty", str(source), "point at a file that holds data, or rerun the stage that writes it")
+    for number, row in enumerate(rows, 1):
+        if not isinstance(row, dict):
+            raise SmoeError(f"row {number} is not a JSON object", str(source), "write one object per row")
+    return rows
+
+
+def _rows(source: str | Path, split: str | None, config: str | None = None) -> list:
     path = Path(source)
     if path.is_dir():
         if (path / DATA_FILE).is_file():
@@ -58,22 +73,36 @@ def read_rows(source: str | Path, split: str | None = None, config: str | None =
         if any((path / name).is_file() for name in ("dataset_info.json", "dataset_dict.json", "state.json")):
             from datasets import load_from_disk
 
+            for state in [path / "state.json", *path.glob("*/state.json")]:  # `datasets` cannot load an empty split back
+                if state.is_file() and not json.loads(state.read_text()).get("_data_files"):
+                    name = "train" if state.parent == path else state.parent.name
+                    raise SmoeError(f"split {name!r} has no rows", str(path), "drop the empty split (or give it data) and save the dataset again")
             return _from_datasets(load_from_disk(str(path)), split, str(path))
         files = sorted(path.glob("*.jsonl")) + sorted(path.glob("*.parquet"))
         if not files:
             raise SmoeError("no dataset found in this directory", str(path), f"point at a stage output (with {DATA_FILE}), a JSONL/Parquet file or a saved `datasets` directory")
-        return [row for f in files for row in read_rows(f)]
+        return [row for f in files for row in _rows(f, None)]
     if path.suffix == ".jsonl":
         if not path.is_file():
             raise SmoeError("dataset file not found", str(path), "check the path in the recipe")
         return _read_jsonl(path)
     if path.suffix == ".json":
-        data = json.loads(path.read_text())
-        return data if isinstance(data, list) else data.get("data", [])
+        if not path.is_file():
+            raise SmoeError("dataset file not found", str(path), "check the path in the recipe")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise SmoeError(f"not valid JSON ({err.msg}, line {err.lineno})", str(path), "fix the JSON, or write one object per line as .jsonl") from None
+        return data if isinstance(data, list) else data.get("data", []) if isinstance(data, dict) else [data]
     if path.suffix == ".parquet":
         from datasets import Dataset
 
-        return Dataset.from_parquet(str(path)).to_list()
+        if not path.is_file():
+            raise SmoeError("dataset file not found", str(path), "check the path in the recipe")
+        try:
+            return Dataset.from_parquet(str(path)).to_list()
+        except (ValueError, OSError) as err:  # pyarrow's ArrowInvalid is a ValueError
+            raise SmoeError(f"not a readable Parquet file ({err.__class__.__name__})", str(path), "rewrite the file, or convert it to JSONL") from None
     if is_hub_id(source):
         from datasets import load_dataset
 
@@ -96,30 +125,45 @@ def read_mixture(mixture: dict, where: str) -> list[dict]:
         raise SmoeError("dataset_mixture needs a non-empty `datasets` list", where, "write datasets: [{id: PATH_OR_HUB_ID, split: train, weight: 1.0}]")
     rng, rows = random.Random(mixture.get("seed", 0)), []
     for i, entry in enumerate(mixture["datasets"]):
-        if "id" not in entry:
+        if not isinstance(entry, dict) or "id" not in entry:
             raise SmoeError(f"dataset_mixture.datasets[{i}] has no `id`", where, "give the dataset's path or hub id as id")
+        weight = entry.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight <= 1:
+            raise SmoeError(f"the weight of {entry['id']} is {weight!r}, not a fraction from 0 to 1", where, "give each dataset a weight from 0 to 1 (the share of its rows kept)")
         if entry.get("config") not in (None, "default") and not is_hub_id(entry["id"]):
             raise SmoeError(f"dataset_mixture.datasets[{i}] names config {entry['config']!r}, but a local dataset has no configs", where, "drop `config`, or point `id` at that configuration's own files")
         found = read_rows(entry["id"], entry.get("split"), entry.get("config"))
         if entry.get("columns"):
             found = [{k: row[k] for k in entry["columns"] if k in row} for row in found]
         rng.shuffle(found)
-        rows += found[: round(entry.get("weight", 1.0) * len(found))]
+        rows += found[: round(weight * len(found))]
     rng.shuffle(rows)
     return rows
 
 
-def check_messages(messages, where: str, row: int, field: str = "messages") -> list[dict]:
+def check_messages(messages, where: str, row: int, field: str = "messages", first: str = "user") -> list[dict]:
+    """Turns in order: an optional system turn, then `first` (user, or assistant for TRL's answer lists) and the
+    other taking turns; every content a string."""
     if not isinstance(messages, list) or not messages:
         raise SmoeError(f"row {row}: `{field}` must be a non-empty list of messages", where, 'write it as [{"role": "user", "content": "..."}, ...]')
+    expected = first
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise SmoeError(
-                f"row {row}: message {i} of `{field}` needs a role in {sorted(ROLES)} and a string content",
-                where,
-                'each message is {"role": "user", "content": "..."}',
-            )
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise SmoeError(f"row {row}: message {i} of `{field}` needs a role in {sorted(ROLES)} and a string content", where, 'each message is {"role": "user", "content": "..."}')
+        if not isinstance(m.get("content"), str):
+            raise SmoeError(f"row {row}: message {i} of `{field}` has {type(m.get('content')).__name__} content, not a string", where, "write each message's content as one string")
+        if m["role"] == "system" and i == 0 and first == "user":
+            continue
+        if m["role"] != expected:
+            raise SmoeError(f"row {row}: message {i} of `{field}` has role {m['role']!r} where {expected!r} belongs", where, "order the turns: an optional system turn first, then user and assistant taking turns")
+        expected = "assistant" if expected == "user" else "user"
     return messages
+
+
+def _check_answers(messages: list[dict], where: str, row: int, field: str):
+    for i, m in enumerate(messages):
+        if m["role"] == "assistant" and not m["content"].strip():
+            raise SmoeError(f"row {row}: message {i} of `{field}` is an empty assistant turn", where, "drop the row or write the answer")
 
 
 def to_prompt(row: dict, where: str, number: int) -> dict:
@@ -129,7 +173,11 @@ def to_prompt(row: dict, where: str, number: int) -> dict:
         messages = [m for m in messages if m["role"] != "assistant"][: 2 if messages[0]["role"] == "system" else 1]
     elif isinstance(row.get("prompt"), str):
         messages = [{"role": "user", "content": row["prompt"]}]
+    elif isinstance(row.get("prompt"), list):  # TRL's conversational prompt-only form
+        messages = check_messages(row["prompt"], where, number, "prompt")
     elif isinstance(row.get("turns"), list) and row["turns"]:
+        if not isinstance(row["turns"][0], str):
+            raise SmoeError(f"row {number}: `turns` holds a value of type {type(row['turns'][0]).__name__}, not a string", where, "write each turn as one string")
         messages = [{"role": "user", "content": row["turns"][0]}]
     else:
         raise SmoeError(f"row {number} has no prompt", where, "give each row `messages`, a `prompt` string, or MT-Bench `turns`")
@@ -152,6 +200,7 @@ def to_conversation(row: dict, field: str, where: str, number: int) -> list[dict
     messages = check_messages(row[field], where, number, field)
     if messages[-1]["role"] != "assistant":
         raise SmoeError(f"row {number}: `{field}` does not end with an assistant turn", where, "drop the row or add the answer")
+    _check_answers(messages, where, number, field)
     return messages
 
 
@@ -166,15 +215,54 @@ def to_preference(row: dict, where: str, number: int) -> dict:
             raise SmoeError(f"row {number} has no `{key}`", where, "preference rows need prompt, chosen and rejected")
     prompt, chosen, rejected = row.get("prompt"), row["chosen"], row["rejected"]
     if isinstance(chosen, str) and isinstance(rejected, str) and isinstance(prompt, str):
-        return {
+        out = {
             "prompt": [{"role": "user", "content": prompt}],
             "chosen": [{"role": "assistant", "content": chosen}],
             "rejected": [{"role": "assistant", "content": rejected}],
         }
-    chosen = check_messages(chosen, where, number, "chosen")
-    rejected = check_messages(rejected, where, number, "rejected")
-    if isinstance(prompt, list):
-        return {"prompt": check_messages(prompt, where, number, "prompt"), "chosen": chosen[-1:], "rejected": rejected[-1:]}
-    if chosen[:-1] != rejected[:-1] or len(chosen) < 2:
-        raise SmoeError(f"row {number}: chosen and rejected do not share one prompt", where, "both must be the same conversation up to the last assistant turn")
-    return {"prompt": chosen[:-1], "chosen": chosen[-1:], "rejected": rejected[-1:]}
+    elif isinstance(prompt, list):
+        out = {
+            "prompt": check_messages(prompt, where, number, "prompt"),
+            "chosen": check_messages(chosen, where, number, "chosen", first="assistant")[-1:],
+            "rejected": check_messages(rejected, where, number, "rejected", first="assistant")[-1:],
+        }
+        if out["prompt"][-1]["role"] != "user":
+            raise SmoeError(f"row {number}: `prompt` does not end with a user turn", where, "the prompt is the conversation up to the answer")
+    else:
+        chosen, rejected = check_messages(chosen, where, number, "chosen"), check_messages(rejected, where, number, "rejected")
+        if chosen[:-1] != rejected[:-1] or len(chosen) < 2:
+            raise SmoeError(f"row {number}: chosen and rejected do not share one prompt", where, "both must be the same conversation up to the last assistant turn")
+        out = {"prompt": chosen[:-1], "chosen": chosen[-1:], "rejected": rejected[-1:]}
+    for key in ("chosen", "rejected"):
+        _check_answers(out[key], where, number, key)
+        if out[key][-1]["role"] != "assistant":
+            raise SmoeError(f"row {number}: `{key}` does not end with an assistant turn", where, "end chosen and rejected with the answers")
+    if out["chosen"][-1]["content"].strip() == out["rejected"][-1]["content"].strip():
+        raise SmoeError(f"row {number}: chosen and rejected are the same answer", where, "drop the row: a pair needs two different answers")
+    return out
+
+
+def keep_answerable(rows: list[dict], tokenizer, args, where: str, stage: str) -> list[dict]:
+    """Drop the rows whose prompt alone fills `max_length`: truncation would cut every answer token (TRL's
+    DPO drops such rows silently; SFT would train on no answer). The drop is noted; all rows dropped is refused.
+
+    `rows` are {"messages"} (sft) or {"prompt", ...} (dpo); the prompt is everything before the first answer."""
+    if not rows:
+        raise SmoeError("no training rows", where, "check the dataset, dataset_mixture weights and max_train_samples")
+    if tokenizer.chat_template is None:
+        raise SmoeError("the tokenizer has no chat template", where, "set chat_template in the recipe, or use a chat model's tokenizer")
+    if args.max_length is None or args.truncation_mode != "keep_start" or getattr(args, "packing", False):
+        return rows  # keep_end keeps the answer; packing splits or wraps rows instead
+    prompts = []
+    for row in rows:
+        messages = row.get("prompt") or row["messages"]
+        prompts.append(messages[: next(i for i, m in enumerate(messages + [{"role": "assistant"}]) if m["role"] == "assistant")])
+    texts = tokenizer.apply_chat_template(prompts, add_generation_prompt=True, tokenize=False)
+    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    cut = [number for number, length in enumerate(lengths, 1) if length >= args.max_length]
+    if len(cut) == len(rows):
+        raise SmoeError(f"every row's prompt is {min(lengths)} tokens or longer, which fills max_length {args.max_length}: no answer token is left", where, "raise max_length, or shorten the prompts")
+    if cut:
+        print(f"[{stage}] note: dropped {len(cut)} of {len(rows)} rows of {where} whose prompt fills max_length {args.max_length}, leaving no answer token (first: row {cut[0]})")
+    cut = set(cut)
+    return [row for number, row in enumerate(rows, 1) if number not in cut]

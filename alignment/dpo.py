@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datasets import Dataset
 from trl import DPOConfig, DPOTrainer, ModelConfig
 
-from alignment.data import to_preference
+from alignment.data import keep_answerable, to_preference
 from alignment.models.router import MoEArgs, RouterLossMixin, attach_router_losses
 from alignment.train_common import DataArgs, check_evaluation, load_student, take_trl_router_coef, train_and_save
 
@@ -48,13 +48,15 @@ def run(data_args: DPODataArgs, training_args: DPOConfig, model_args: ModelConfi
     started = time.time()
     train, held_out, where = data_args.rows()
     check_evaluation(training_args, held_out)
-    dataset = Dataset.from_list([to_preference(r, where, i) for i, r in enumerate(train, 1)])
-    eval_dataset = Dataset.from_list([to_preference(r, f"{where} (evaluation rows)", i) for i, r in enumerate(held_out, 1)]) if held_out else None
+    rows = [to_preference(r, where, i) for i, r in enumerate(train, 1)]
+    eval_rows = [to_preference(r, f"{where} (evaluation rows)", i) for i, r in enumerate(held_out, 1)] if held_out else None
     model, tokenizer, peft_config = load_student(model_args, data_args)
+    dataset = Dataset.from_list(keep_answerable(rows, tokenizer, training_args, where, "dpo"))
+    eval_dataset = Dataset.from_list(keep_answerable(eval_rows, tokenizer, training_args, f"{where} (evaluation rows)", "dpo")) if eval_rows else None
     take_trl_router_coef(training_args, moe, model)
     # TRL would reload the reference from the path in the model's config, which for a merged adapter is not this model
     needs_reference = peft_config is None and not training_args.precompute_ref_log_probs
     ref_model = copy.deepcopy(model).eval().requires_grad_(False) if needs_reference else None
     trainer = MoEDPOTrainer(model=model, ref_model=ref_model, args=training_args, train_dataset=dataset, eval_dataset=eval_dataset, processing_class=tokenizer, peft_config=peft_config)
     attach_router_losses(trainer, moe)
-    return train_and_save(trainer, "dpo", started, rows=len(dataset))
+    return train_and_save(trainer, "dpo", started, rows=len(dataset), dropped_truncated=len(rows) - len(dataset))

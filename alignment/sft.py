@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datasets import Dataset
 from trl import ModelConfig, SFTConfig, SFTTrainer
 
-from alignment.data import to_conversation
+from alignment.data import keep_answerable, to_conversation
 from alignment.models.router import MoEArgs, RouterLossMixin, attach_router_losses
 from alignment.train_common import DataArgs, check_evaluation, load_student, take_trl_router_coef, train_and_save
 
@@ -28,18 +28,20 @@ class MoESFTTrainer(RouterLossMixin, SFTTrainer):
     """SFTTrainer plus JetMoE's router losses (see alignment.models.router)."""
 
 
-def conversations(rows: list[dict], field: str, where: str) -> Dataset:
-    return Dataset.from_list([{"messages": to_conversation(r, field, where, i)} for i, r in enumerate(rows, 1)])
+def conversations(rows: list[dict], field: str, where: str) -> list[dict]:
+    return [{"messages": to_conversation(r, field, where, i)} for i, r in enumerate(rows, 1)]
 
 
 def run(data_args: SFTDataArgs, training_args: SFTConfig, model_args: ModelConfig, moe: MoEArgs):
     started = time.time()
     train, held_out, where = data_args.rows()
     check_evaluation(training_args, held_out)
-    dataset = conversations(train, data_args.messages_field, where)
-    eval_dataset = conversations(held_out, data_args.messages_field, f"{where} (evaluation rows)") if held_out else None
+    rows = conversations(train, data_args.messages_field, where)
+    eval_rows = conversations(held_out, data_args.messages_field, f"{where} (evaluation rows)") if held_out else None
     model, tokenizer, peft_config = load_student(model_args, data_args)
+    dataset = Dataset.from_list(keep_answerable(rows, tokenizer, training_args, where, "sft"))
+    eval_dataset = Dataset.from_list(keep_answerable(eval_rows, tokenizer, training_args, f"{where} (evaluation rows)", "sft")) if eval_rows else None
     take_trl_router_coef(training_args, moe, model)
     trainer = MoESFTTrainer(model=model, args=training_args, train_dataset=dataset, eval_dataset=eval_dataset, processing_class=tokenizer, peft_config=peft_config)
     attach_router_losses(trainer, moe)
-    return train_and_save(trainer, "sft", started, rows=len(dataset))
+    return train_and_save(trainer, "sft", started, rows=len(dataset), dropped_truncated=len(rows) - len(dataset))

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from tqdm.auto import tqdm
 
+from alignment.configs import build, field_names
 from alignment.data import DATA_FILE
 from alignment.errors import SmoeError
 from alignment.manifest import write_manifest
@@ -59,18 +60,25 @@ class TeacherPrefsArgs(PromptSource):
             raise ValueError(f"binarize={self.binarize!r}; choose one of {sorted(BINARIZE)}")
         if not self.policies:
             raise ValueError("policies is empty; name at least one policy that answers the prompts")
+        if not all(isinstance(p, dict) for p in self.policies):
+            raise ValueError("each entry of policies is a mapping {name, backend, ...}")
         if self.judge.get("mode", "score") not in ("score", "pairwise") or (self.judge.get("backend") == "skills" and self.judge.get("mode", "score") != "score"):
             raise ValueError("judge.mode is score or pairwise (the skills judge only scores)")
 
 
-def _sampling(policy: dict, seed: int) -> Sampling:
-    return Sampling(
-        n=policy.get("num_samples", 1),
-        temperature=policy.get("temperature", 1.0),
-        top_p=policy.get("top_p", 1.0),
-        max_new_tokens=policy.get("max_new_tokens", 64),
-        seed=seed,
-    )
+@dataclass
+class PolicySampling:
+    """The sampling keys of a policy entry, checked like recipe keys (type and range)."""
+
+    num_samples: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+
+
+def _sampling(policy: dict, seed: int, where: str) -> Sampling:
+    (s,) = build({k: v for k, v in policy.items() if k in field_names(PolicySampling)}, (PolicySampling,), where)
+    return Sampling(n=s.num_samples, temperature=s.temperature, top_p=s.top_p, max_new_tokens=s.max_new_tokens, seed=seed)
 
 
 def judge_chunk(judge, mode: str, prompts: list[dict], completions: list[list[dict]]) -> int:
@@ -126,8 +134,8 @@ def build_policies(specs: list[dict], seed: int) -> list[tuple]:
     policies = []
     for i, spec in enumerate(specs):
         spec = dict(spec)
-        name, sampling = spec.pop("name", f"policy{i}"), _sampling(spec, seed + i)
-        for key in ("num_samples", "temperature", "top_p", "max_new_tokens"):
+        name, sampling = spec.pop("name", f"policy{i}"), _sampling(spec, seed + i, f"policies[{i}]")
+        for key in field_names(PolicySampling):
             spec.pop(key, None)
         policies.append((name, make_teacher(spec, f"policies[{i}]"), sampling))
     return policies

@@ -10,7 +10,7 @@ question file (MT-Bench `question.jsonl` or any prompt file) is dropped; the dro
 import re
 from dataclasses import dataclass, field
 
-from alignment.data import read_rows, to_prompt
+from alignment.data import check_messages, read_rows, to_prompt
 from alignment.errors import SmoeError
 from teacher_data import skills
 
@@ -42,9 +42,14 @@ def ngrams(text: str, n: int) -> set[tuple[str, ...]]:
 def eval_ngrams(paths: list[str], n: int) -> set:
     grams = set()
     for path in paths:
-        for row in read_rows(path):
-            texts = row.get("turns") or [m["content"] for m in row.get("messages", []) if m.get("role") == "user"] or [row.get("prompt", "")]
+        for number, row in enumerate(read_rows(path), 1):
+            if isinstance(row.get("messages"), list):
+                texts = [m["content"] for m in check_messages(row["messages"], path, number) if m["role"] == "user"]
+            else:  # MT-Bench `turns`, or a prompt in any form `to_prompt` reads
+                texts = row.get("turns") or [to_prompt({"prompt_id": number, **row}, path, number)["messages"][-1]["content"]]
             for text in texts:
+                if not isinstance(text, str):
+                    raise SmoeError(f"row {number}: `turns` holds a value of type {type(text).__name__}, not a string", path, "write each turn as one string")
                 grams |= ngrams(text, n)
     return grams
 

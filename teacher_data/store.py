@@ -9,6 +9,8 @@ import json
 import os
 from pathlib import Path
 
+from alignment.errors import SmoeError
+
 
 class ShardStore:
     def __init__(self, output_dir: str | Path):
@@ -23,8 +25,14 @@ class ShardStore:
     def rows(self):
         for shard in self.shards():
             with shard.open() as f:
-                for line in f:
-                    yield json.loads(line)
+                for number, line in enumerate(f, 1):
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError:
+                        row = None
+                    if not isinstance(row, dict) or "prompt_id" not in row:
+                        raise SmoeError(f"row {number} is not a JSON object with a prompt_id", str(shard), "delete this shard: a rerun redoes its prompts")
+                    yield row
 
     def done_ids(self) -> set[str]:
         return {row["prompt_id"] for row in self.rows()}

@@ -106,6 +106,8 @@ def load_answer_file(path: str, question_ids: set, require_all: bool) -> dict:
             qid, turns = row["question_id"], row["choices"][0]["turns"]
         except (KeyError, IndexError, TypeError):
             raise SmoeError(f"row {i} is not in FastChat's answer format", path, "rows need question_id and choices[0].turns") from None
+        if not isinstance(turns, list) or not turns or not all(isinstance(t, str) for t in turns):
+            raise SmoeError(f"row {i}: choices[0].turns must be a non-empty list of strings", path, "write each turn's answer as one string")
         if qid not in question_ids:
             raise SmoeError(f"row {i}: question_id {qid} is not in the question file", path, "use the answer file made for these questions")
         answers[qid] = turns
@@ -124,6 +126,8 @@ def load_judge_prompts(path: str | None) -> dict:
         name, template = row.get("name"), row.get("prompt_template", "")
         if name not in PLACEHOLDERS:
             continue
+        if not isinstance(template, str) or not isinstance(row.get("system_prompt", ""), str):
+            raise SmoeError(f"row {i}: judge prompt {name!r} needs string prompt_template and system_prompt", path, "write each as one string")
         missing = PLACEHOLDERS[name] - set(re.findall(r"\{(\w+)\}", template))
         if missing:
             raise SmoeError(f"row {i}: judge prompt {name!r} lacks the placeholders {sorted(missing)}", path, "add them to prompt_template")
@@ -171,7 +175,10 @@ class CachedJudge:
         self.cache = {}
         if cache_path.is_file():
             for line in cache_path.open():
-                row = json.loads(line)
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:  # a line cut off by a crash: that judgment is asked again
+                    continue
                 self.cache[row["key"]] = row["output"]
         self.calls = 0
 

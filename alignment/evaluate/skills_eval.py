@@ -54,7 +54,9 @@ def run(args):
             continue
         result, rows = score_model(name, path, prompts, args)
         write_jsonl(rows, out / "judgments" / f"{name}.jsonl")
-        done.write_text(json.dumps(result, indent=2))
+        tmp = done.with_suffix(".json.tmp")  # whole or absent: a rerun takes a results file as done
+        tmp.write_text(json.dumps(result, indent=2))
+        tmp.rename(done)
         results[name] = result
         print(f"[eval] {name}: mean accuracy {result['mean_accuracy']:.1f}% " + " ".join(f"{k} {v:.1f}" for k, v in result["accuracy"].items()))
     (out / "summary.json").write_text(json.dumps({"models": results}, indent=2))

@@ -47,7 +47,7 @@ class EvalArgs:
     def __post_init__(self):
         if self.benchmark not in RUNNERS:
             raise ValueError(f"benchmark={self.benchmark!r}; choose one of {sorted(RUNNERS)}")
-        if not self.models or not all(isinstance(m, dict) and "name" in m and ("path" in m or "backend" in m) for m in self.models):
+        if not self.models or not all(isinstance(m, dict) and isinstance(m.get("name"), str) and (isinstance(m.get("path"), str) or "backend" in m) for m in self.models):
             raise ValueError("models must be a list of {name, path} or {name, backend, ...} entries")
         if self.benchmark == "mt_bench" and not self.question_file:
             raise ValueError("benchmark mt_bench needs question_file (MT-Bench question.jsonl format)")
