@@ -13,6 +13,7 @@ from datasets import Dataset
 from trl import DPOConfig, DPOTrainer, ModelConfig
 
 from alignment.data import to_preference
+from alignment.distributed import check_before_loading
 from alignment.models.router import MoEArgs, RouterLossMixin, attach_router_losses
 from alignment.train_common import DataArgs, load_student, take_trl_router_coef, train_and_save
 
@@ -33,6 +34,7 @@ def run(data_args: DPODataArgs, training_args: DPOConfig, model_args: ModelConfi
     started = time.time()
     rows, where = data_args.rows()
     dataset = Dataset.from_list([to_preference(r, where, i) for i, r in enumerate(rows, 1)])
+    check_before_loading(training_args, model_args)
     model, tokenizer, peft_config = load_student(model_args, data_args)
     take_trl_router_coef(training_args, moe, model)
     trainer = MoEDPOTrainer(model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config)

@@ -12,6 +12,7 @@ from datasets import Dataset
 from trl import ModelConfig, SFTConfig, SFTTrainer
 
 from alignment.data import to_conversation
+from alignment.distributed import check_before_loading
 from alignment.models.router import MoEArgs, RouterLossMixin, attach_router_losses
 from alignment.train_common import DataArgs, load_student, take_trl_router_coef, train_and_save
 
@@ -36,6 +37,7 @@ def load_sft_dataset(args: SFTDataArgs) -> Dataset:
 def run(data_args: SFTDataArgs, training_args: SFTConfig, model_args: ModelConfig, moe: MoEArgs):
     started = time.time()
     dataset = load_sft_dataset(data_args)
+    check_before_loading(training_args, model_args)
     model, tokenizer, peft_config = load_student(model_args, data_args)
     take_trl_router_coef(training_args, moe, model)
     trainer = MoESFTTrainer(model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config)
