@@ -54,3 +54,12 @@ def prepare_final_save(trainer):
     """A sharded FSDP state dict saves no model at the end (transformers writes only full ones): gather it."""
     if trainer.is_fsdp_enabled and "FULL_STATE_DICT" not in str(trainer.accelerator.state.fsdp_plugin.state_dict_type):
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+
+
+def describe(trainer) -> dict:
+    """What ran, for the manifest: accelerate's distributed type, and the ZeRO stage under DeepSpeed."""
+    state = trainer.accelerator.state
+    found = {"distributed_type": state.distributed_type.name}
+    if state.deepspeed_plugin is not None:
+        found["zero_stage"] = state.deepspeed_plugin.zero_stage
+    return found

@@ -32,9 +32,9 @@ class MoEDPOTrainer(RouterLossMixin, DPOTrainer):
 
 def run(data_args: DPODataArgs, training_args: DPOConfig, model_args: ModelConfig, moe: MoEArgs):
     started = time.time()
+    check_before_loading(training_args, model_args)
     rows, where = data_args.rows()
     dataset = Dataset.from_list([to_preference(r, where, i) for i, r in enumerate(rows, 1)])
-    check_before_loading(training_args, model_args)
     model, tokenizer, peft_config = load_student(model_args, data_args)
     take_trl_router_coef(training_args, moe, model)
     trainer = MoEDPOTrainer(model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config)

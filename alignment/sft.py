@@ -36,8 +36,8 @@ def load_sft_dataset(args: SFTDataArgs) -> Dataset:
 
 def run(data_args: SFTDataArgs, training_args: SFTConfig, model_args: ModelConfig, moe: MoEArgs):
     started = time.time()
-    dataset = load_sft_dataset(data_args)
     check_before_loading(training_args, model_args)
+    dataset = load_sft_dataset(data_args)
     model, tokenizer, peft_config = load_student(model_args, data_args)
     take_trl_router_coef(training_args, moe, model)
     trainer = MoESFTTrainer(model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config)

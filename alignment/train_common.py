@@ -6,7 +6,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from trl import ModelConfig, get_peft_config
 
 from alignment.data import read_mixture, read_rows
-from alignment.distributed import check_launch, prepare_final_save
+from alignment.distributed import check_launch, describe, prepare_final_save
 from alignment.errors import SmoeError
 from alignment.manifest import write_manifest
 from alignment.models.jetmoe import load_causal_lm, load_tokenizer
@@ -72,5 +72,5 @@ def train_and_save(trainer, stage: str, started: float, **info):
     if trainer.is_world_process_zero():  # under torchrun / accelerate every rank runs this
         if trainer.processing_class is not None:
             trainer.processing_class.save_pretrained(output_dir)
-        write_manifest(output_dir, stage, started, log_history=logs, global_step=trainer.state.global_step, world_size=trainer.args.world_size, distributed_type=trainer.accelerator.distributed_type.name, **info)
+        write_manifest(output_dir, stage, started, log_history=logs, global_step=trainer.state.global_step, world_size=trainer.args.world_size, **describe(trainer), **info)
     return logs
