@@ -9,6 +9,7 @@ import sys
 import time
 from importlib.util import find_spec
 
+import psutil
 import pytest
 
 from alignment.cli import main
@@ -65,8 +66,12 @@ def test_killed_ray_driver_resumes_to_the_same_dataset(tmp_path):
         deadline = time.time() + 120
         while len(list((killed / "shards").glob("shard-*.jsonl"))) < 3 and time.time() < deadline:
             time.sleep(0.02)
+        ray_processes = psutil.Process(driver.pid).children(recursive=True)  # the local Ray the driver started
         driver.send_signal(signal.SIGKILL)
         driver.wait()
+        for process in ray_processes:  # a killed driver leaves Ray's agents behind; the rerun starts its own Ray
+            if process.is_running():
+                process.kill()
         assert not is_complete(killed) and len(list((killed / "shards").glob("shard-*.jsonl"))) < 10
         assert subprocess.run(command + ["--output_dir", str(killed)], capture_output=True).returncode == 0
         whole = tmp_path / "whole"
@@ -88,3 +93,29 @@ def test_teacher_prefs_on_ray_with_hf_policies_in_actors(micro_model, tmp_path):
     assert main([*common, *RAY, "--output_dir", str(tmp_path / "ray")]) == 0
     assert rows(tmp_path / "ray") == rows(tmp_path / "local") and len(rows(tmp_path / "local")) > 0
     assert read_manifest(tmp_path / "ray")["counts"] == read_manifest(tmp_path / "local")["counts"]
+
+
+@pytest.mark.engines
+@needs_ray
+def test_killed_ray_worker_is_replaced_and_nothing_is_lost(tmp_path):
+    server = FaultServer(slow_seconds=0.1)
+    try:
+        prompts = tmp_path / "p.jsonl"
+        prompts.write_text("".join(json.dumps({"prompt_id": f"p{i}", "prompt": f"slow {i}"}) + "\n" for i in range(64)))
+        spec = json.dumps({"backend": "openai", "model": "m", "base_url": server.base_url, "concurrency": 1, "max_retries": 0})
+        out = tmp_path / "out"
+        command = [sys.executable, "-m", "alignment.cli", "teacher-sft", "--config", "recipes/tiny/teacher_sft.yaml", "--prompts", str(prompts), "--teacher", spec, "--shard_size", "8", "--output_dir", str(out), *RAY]
+        driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline, victim = time.time() + 120, None
+        while victim is None and time.time() < deadline:  # a worker in the middle of its batches
+            workers = [p for p in psutil.Process(driver.pid).children(recursive=True) if "ChunkWorker" in " ".join(p.cmdline())]
+            victim = workers[0] if workers and list((out / "shards").glob("shard-*.jsonl")) else None
+            time.sleep(0.05)
+        assert victim is not None
+        victim.kill()
+        assert driver.wait(timeout=300) == 0
+    finally:
+        server.close()
+    written = [json.loads(line) for shard in sorted((out / "shards").glob("*.jsonl")) for line in open(shard)]
+    assert sorted(r["prompt_id"] for r in written) == sorted(f"p{i}" for i in range(64))
+    assert read_manifest(out)["counts"]["rows"] == 64 and read_manifest(out)["counts"]["failed"] == 0
