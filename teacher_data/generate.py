@@ -5,7 +5,8 @@ usage: smoe-align teacher-sft --config recipes/tiny/teacher_sft.yaml [--key valu
 Single-turn, or multi-turn UltraChat style: a user-simulator teacher writes each next user turn, up to
 `max_turns` assistant turns. Writes `train.jsonl` in the ultrachat_200k schema (prompt_id, prompt,
 messages, teacher) into output_dir. Failed, truncated and empty answers are counted in the manifest,
-not trained on. Resumable: finished prompts are kept in shards and skipped on a rerun.
+not trained on. Resumable: finished prompts are kept in shards and skipped on a rerun. Answered in this
+process, or by Ray Data workers with `engine: ray` (teacher_data.engine, teacher_data.ray_engine).
 """
 
 import time

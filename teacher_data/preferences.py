@@ -4,7 +4,8 @@ usage: smoe-align teacher-prefs --config recipes/tiny/teacher_prefs.yaml [--key 
 
 Every judged prompt is kept in shards (all completions with score and judgment), so a rerun skips
 what was judged. Binarization runs at the end over all of them and writes `train.jsonl` in the
-ultrafeedback_binarized schema.
+ultrafeedback_binarized schema. Sampling and judging run in this process, or on Ray Data workers with
+`engine: ray` (teacher_data.engine, teacher_data.ray_engine).
 """
 
 import random
