@@ -28,4 +28,7 @@ if __name__ == "__main__":
     os.environ["ACCELERATE_TORCH_DEVICE"] = "cpu"
     from alignment.cli import main
 
-    sys.exit(main())
+    code = main()
+    if torch.distributed.is_initialized():  # gloo's threads abort the process at exit when the group is left open
+        torch.distributed.destroy_process_group()
+    sys.exit(code)
