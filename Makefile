@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-engines bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,11 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# Ray Data teacher stages and FSDP / ZeRO-3 training on 2 CPU processes: slow start-ups, kept apart (a few minutes)
+test-engines: setup
+	$(BIN)/pip install -q -e ".[dev,quant,ray,deepspeed]"
+	$(BIN)/python -m pytest -q -m engines
 
 clean:
 	rm -rf runs

@@ -16,6 +16,7 @@ from datasets import Dataset
 from trl import DPOConfig, DPOTrainer, ModelConfig
 
 from alignment.data import keep_answerable, to_preference
+from alignment.distributed import check_before_loading
 from alignment.models.router import MoEArgs, RouterLossMixin, attach_router_losses
 from alignment.train_common import DataArgs, check_evaluation, load_student, take_trl_router_coef, train_and_save
 
@@ -46,6 +47,7 @@ def end_at_eos(ids: list[int], eos: int | None) -> list[int]:
 
 def run(data_args: DPODataArgs, training_args: DPOConfig, model_args: ModelConfig, moe: MoEArgs):
     started = time.time()
+    check_before_loading(training_args, model_args)
     train, held_out, where = data_args.rows()
     check_evaluation(training_args, held_out)
     rows = [to_preference(r, where, i) for i, r in enumerate(train, 1)]

@@ -12,6 +12,7 @@ from datasets import Dataset
 from trl import ModelConfig, SFTConfig, SFTTrainer
 
 from alignment.data import keep_answerable, to_conversation
+from alignment.distributed import check_before_loading
 from alignment.models.router import MoEArgs, RouterLossMixin, attach_router_losses
 from alignment.train_common import DataArgs, check_evaluation, load_student, take_trl_router_coef, train_and_save
 
@@ -34,6 +35,7 @@ def conversations(rows: list[dict], field: str, where: str) -> list[dict]:
 
 def run(data_args: SFTDataArgs, training_args: SFTConfig, model_args: ModelConfig, moe: MoEArgs):
     started = time.time()
+    check_before_loading(training_args, model_args)
     train, held_out, where = data_args.rows()
     check_evaluation(training_args, held_out)
     rows = conversations(train, data_args.messages_field, where)

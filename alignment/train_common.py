@@ -9,6 +9,7 @@ import torch
 from trl import ModelConfig, get_peft_config
 
 from alignment.data import read_mixture, read_rows
+from alignment.distributed import check_launch, describe, prepare_final_save
 from alignment.errors import SmoeError
 from alignment.manifest import is_main_process, write_manifest
 from alignment.models.jetmoe import adapter_base, load_causal_lm, load_tokenizer, root_model
@@ -147,11 +148,13 @@ def last_complete_checkpoint(output_dir: str) -> str | None:
 def train_and_save(trainer, stage: str, started: float, **info):
     """Resume from the newest checkpoint if a run was cut off, then save the model and the manifest."""
     output_dir = trainer.args.output_dir
+    check_launch(trainer)
     trainer.train(resume_from_checkpoint=last_complete_checkpoint(output_dir))
+    prepare_final_save(trainer)
     trainer.save_model(output_dir)
     logs = trainer.state.log_history
     if trainer.is_world_process_zero():  # under torchrun / accelerate every rank runs this
         if trainer.processing_class is not None:
             trainer.processing_class.save_pretrained(output_dir)
-        write_manifest(output_dir, stage, started, log_history=logs, global_step=trainer.state.global_step, world_size=trainer.args.world_size, **info)
+        write_manifest(output_dir, stage, started, log_history=logs, global_step=trainer.state.global_step, world_size=trainer.args.world_size, **describe(trainer), **info)
     return logs

@@ -4,7 +4,8 @@ usage: smoe-align teacher-prefs --config recipes/tiny/teacher_prefs.yaml [--key 
 
 Every judged prompt is kept in shards (all completions with score and judgment), so a rerun skips
 what was judged. Binarization runs at the end over all of them and writes `train.jsonl` in the
-ultrafeedback_binarized schema.
+ultrafeedback_binarized schema. Sampling and judging run in this process, or on Ray Data workers with
+`engine: ray` (teacher_data.engine, teacher_data.ray_engine).
 """
 
 import random
@@ -17,6 +18,7 @@ from alignment.configs import build, field_names
 from alignment.data import DATA_FILE
 from alignment.errors import SmoeError
 from alignment.manifest import write_manifest
+from teacher_data.engine import EngineArgs, run_chunks
 from teacher_data.judge import make_judge
 from teacher_data.prompts import PromptSource, load_prompts
 from teacher_data.store import ShardStore, write_jsonl
@@ -43,7 +45,7 @@ BINARIZE = {"best_vs_random_lower": best_vs_random_lower, "best_vs_worst": best_
 
 
 @dataclass
-class TeacherPrefsArgs(PromptSource):
+class TeacherPrefsArgs(PromptSource, EngineArgs):
     output_dir: str = "runs/tiny/pref_data"
     prompts: str = "skills:prefs"
     # each policy: {name, backend, ...backend arguments, num_samples, temperature, top_p, max_new_tokens}
@@ -56,6 +58,7 @@ class TeacherPrefsArgs(PromptSource):
     shard_size: int = 1024
 
     def __post_init__(self):
+        super().__post_init__()
         if self.binarize not in BINARIZE:
             raise ValueError(f"binarize={self.binarize!r}; choose one of {sorted(BINARIZE)}")
         if not self.policies:
@@ -152,27 +155,33 @@ def sample(policies: list[tuple], chunk: list[dict]) -> list[list[dict]]:
     return completions
 
 
+def build(args: TeacherPrefsArgs) -> dict:
+    return {"policies": build_policies(args.policies, args.seed), "judge": make_judge(args.judge, "judge")}
+
+
+def usage(state: dict) -> dict:
+    found = {name: dict(t.usage) for name, t, _ in state["policies"] if hasattr(t, "usage")}
+    if hasattr(getattr(state["judge"], "teacher", None), "usage"):
+        found["judge"] = dict(state["judge"].teacher.usage)
+    return found
+
+
+def work(args: TeacherPrefsArgs, state: dict, chunk: list[dict]) -> tuple[list[dict], int]:
+    """Every prompt of the chunk sampled and judged, and how many verdicts could not be parsed."""
+    completions = sample(state["policies"], chunk)
+    unparsed = judge_chunk(state["judge"], args.judge.get("mode", "score"), chunk, completions)
+    rows = [{"prompt_id": p["prompt_id"], "prompt": p["messages"][-1]["content"], "messages": p["messages"], "category": p.get("category"), "completions": c} for p, c in zip(chunk, completions)]
+    return rows, unparsed
+
+
 def run(args: TeacherPrefsArgs):
     started = time.time()
     prompts, dropped = load_prompts(args)
     store = ShardStore(args.output_dir)
     done = store.done_ids()
     todo = [p for p in prompts if p["prompt_id"] not in done]
-    unparsed, usage = 0, {}
-    if todo:
-        policies = build_policies(args.policies, args.seed)
-        judge, mode = make_judge(args.judge, "judge"), args.judge.get("mode", "score")
-        with tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc="teacher-prefs", unit="prompt") as bar:
-            for start in range(0, len(todo), args.shard_size):
-                chunk = todo[start : start + args.shard_size]
-                completions = sample(policies, chunk)
-                unparsed += judge_chunk(judge, mode, chunk, completions)
-                store.write([{"prompt_id": p["prompt_id"], "prompt": p["messages"][-1]["content"], "messages": p["messages"], "category": p.get("category"), "completions": c} for p, c in zip(chunk, completions)])
-                bar.update(len(chunk))
-                bar.set_postfix(unparsed_verdicts=unparsed)
-        usage = {name: t.usage for name, t, _ in policies if hasattr(t, "usage")}
-        if hasattr(getattr(judge, "teacher", None), "usage"):
-            usage["judge"] = judge.teacher.usage
+    with tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc="teacher-prefs", unit="prompt") as bar:
+        unparsed, spent = run_chunks(args, todo, store, bar, build, work, usage, "unparsed_verdicts")
     pairs, judged, failed_samples = [], 0, 0
     for row in store.rows():
         judged += 1
@@ -185,5 +194,5 @@ def run(args: TeacherPrefsArgs):
     counts = {"prompts": len(prompts), "judged": judged, "pairs": len(pairs), "ties_dropped": judged - len(pairs), "failed_samples": failed_samples, "unparsed_verdicts_this_run": unparsed}
     counts["duplicates_dropped"], counts["contaminated_dropped"] = len(dropped["duplicates"]), len(dropped["contaminated"])
     write_jsonl(pairs, f"{args.output_dir}/{DATA_FILE}")
-    write_manifest(args.output_dir, "teacher-prefs", started, counts=counts, dropped_ids=dropped, usage=usage)
+    write_manifest(args.output_dir, "teacher-prefs", started, counts=counts, dropped_ids=dropped, usage=spent, engine=args.engine)
     return counts

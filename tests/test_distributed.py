@@ -1,6 +1,7 @@
 """Two CPU processes (torchrun, gloo) train like one process at the same global batch."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -40,3 +41,22 @@ def test_sft_and_dpo_on_two_processes_match_one(micro_model, tmp_path):
         assert read_manifest(two)["world_size"] == 2 and read_manifest(one)["world_size"] == 1
         assert losses(two) == pytest.approx(losses(one), rel=1e-4), stage
         assert len(losses(one)) == 3
+
+
+def test_qlora_under_fsdp_stops_before_training(micro_model, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch --config_file recipes/accelerate/fsdp.yaml` sets
+    out = tmp_path / "qlora"
+    args = ["sft", "--config", "recipes/tiny/sft_lora.yaml", "--model_name_or_path", micro_model, "--dataset_path", str(tmp_path / "none"), "--output_dir", str(out), "--load_in_4bit", "true"]
+    assert main(args) == 2
+    assert "load_in_4bit (QLoRA) cannot run under FSDP" in capsys.readouterr().err
+    assert not (out / "manifest.json").exists()
+
+
+def test_a_launch_that_would_not_shard_is_refused(micro_model, tmp_path):
+    """On CPU processes accelerate quietly drops FSDP; the stage says so instead of training unsharded."""
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "assistant", "content": "a"}], "rejected": [{"role": "assistant", "content": "b"}]}) + "\n")
+    command = [sys.executable, "-m", "alignment.cli", "dpo", "--config", "recipes/tiny/dpo_lora.yaml", "--model_name_or_path", micro_model, "--dataset_path", str(pairs), "--output_dir", str(tmp_path / "out"), "--max_steps", "1", "--report_to", "none"]
+    refused = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "ACCELERATE_USE_FSDP": "true"}, timeout=300)
+    assert refused.returncode == 2 and "the launch asked for FSDP but accelerate runs NO" in refused.stderr, refused.stderr[-2000:]
+    assert "Traceback" not in refused.stderr and not (tmp_path / "out" / "manifest.json").exists()
