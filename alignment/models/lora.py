@@ -14,11 +14,13 @@ import math
 
 import torch
 from peft.tuners.lora import LoraLayer
+from peft.tuners.lora.layer import ParamWrapper
 from torch import nn
 from transformers.models.jetmoe.modeling_jetmoe import JetMoeParallelExperts
 
 from alignment.errors import SmoeError
 from alignment.models.experts import grouped_linear
+from alignment.models.moe import expert_modules, fused_experts, fused_experts_forward, fused_layout
 
 
 class ExpertFactor(nn.Module):
@@ -111,13 +113,113 @@ UNSUPPORTED = {"use_dora": "DoRA", "lora_bias": "a bias on the LoRA B factor", "
 INITS = (True, False, "gaussian")
 
 
-def expert_lora_config(config):
-    """Register the expert LoRA layer on a PEFT LoraConfig (a copy is not needed: registration is idempotent).
-    Options it cannot honour stop here, before any training."""
+class FusedExpertLora(ParamWrapper):
+    """PEFT's `target_parameters` LoRA on one fused expert weight, computed per expert on its own tokens.
+
+    It is PEFT's ParamWrapper in everything it stores: factors, their layout (A [E*r, in], B [out, r*E]),
+    nesting (one wrapper per weight, the first weight innermost), state-dict keys, merge and unmerge.
+    So the adapter config says `target_parameters` and stock PEFT loads what this saves. Only the
+    forward differs: the outermost wrapper gathers the factors of the whole nest and runs
+    `fused_experts_forward` (x A_e^T B_e^T through two grouped matmuls) instead of building W + BA
+    for every expert."""
+
+    def factors(self, adapter: str):
+        """(A [E, r, in], B [E, out, r] contiguous, scaling): the same numbers as PEFT's get_delta_factors."""
+        experts = self.num_experts
+        a = self.lora_A[adapter].weight
+        b = self.lora_B[adapter].weight
+        return a.view(experts, -1, a.shape[-1]), b.view(b.shape[0], -1, experts).permute(2, 0, 1).contiguous(), self.scaling[adapter]
+
+    def _nest(self) -> list["FusedExpertLora"]:
+        layers, layer = [], self
+        while isinstance(layer, ParamWrapper):
+            layers.append(layer)
+            layer = layer.base_layer
+        return layers
+
+    def forward(self, hidden_states, top_k_index, top_k_weights, *args, **kwargs):
+        experts, nest = self.get_base_layer(), self._nest()
+        if self.disable_adapters:
+            for layer in nest:
+                if layer.merged:
+                    layer.unmerge()
+            return experts(hidden_states, top_k_index, top_k_weights, *args, **kwargs)
+        lora = {}
+        for layer in nest:
+            if not layer.merged:
+                active = [name for name in layer.active_adapters if name in layer.lora_A]
+                lora[layer.parameter_name] = [layer.factors(name) for name in active]
+        if not any(lora.values()):
+            return experts(hidden_states, top_k_index, top_k_weights, *args, **kwargs)
+        return fused_experts_forward(experts, hidden_states, top_k_index, top_k_weights, lora)
+
+    def __repr__(self) -> str:
+        return "fused_expert_lora." + super().__repr__()
+
+
+# PEFT nests wrappers on one module only when the outer one's class is named ParamWrapper
+FusedExpertLora.__name__ = "ParamWrapper"
+
+
+def _expert_targets(config, model) -> None:
+    """`target_modules` entries that name a fused experts module (for example `experts`) become PEFT
+    `target_parameters` on its gate/up and down weights; `all-linear` is resolved for MoEs."""
+    banks = fused_experts(model)
+    if isinstance(config.target_modules, str) and config.target_modules in ("all-linear", "all_linear") and expert_modules(model):
+        modules, parameters = resolve_all_linear(model)
+        config.target_modules, config.target_parameters = set(modules), sorted(set(config.target_parameters or []) | set(parameters))
+        return
+    if not banks or config.target_modules is None or isinstance(config.target_modules, str):
+        return
+    targets = set(config.target_modules)
+    leaf_names = {name.rpartition(".")[2] for name in banks}
+    named = targets & leaf_names
+    if named:
+        parameters = {f"{name.rpartition('.')[2]}.{weight}" for name, module in banks.items() if name.rpartition(".")[2] in named for weight in fused_layout(module).weight_names}
+        config.target_modules = targets - named
+        config.target_parameters = sorted(set(config.target_parameters or []) | parameters)
+
+
+def is_router(name: str) -> bool:
+    """Routers and gates of shared experts (`gate`, `router`, `shared_expert_gate`, JetMoE's `router.layer`)."""
+    return any(part in ("gate", "router") or part.endswith(("_gate", "_router")) for part in name.split("."))
+
+
+def resolve_all_linear(model) -> tuple[list[str], list[str]]:
+    """`all-linear` on an MoE: (target_modules, target_parameters) = every nn.Linear but routers and the
+    output layer (attention projections, shared experts, dense MLPs), every JetMoE bank and the gate/up
+    and down weights of every fused experts module. Leaf names where they select exactly that, else full names."""
+    output = model.get_output_embeddings()
+    linear = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and m is not output and "lora_" not in name}
+    chosen = {name for name in linear if not is_router(name)}
+    banks = expert_modules(model)
+    jetmoe = {name for name, m in banks.items() if isinstance(m, JetMoeParallelExperts)}
+    leaves = {name.rpartition(".")[2] for name in chosen | jetmoe}
+    exact = all((name in chosen) for name in linear if name.rpartition(".")[2] in leaves)
+    modules = sorted(leaves) if exact else sorted(chosen | jetmoe)
+    parameters = sorted({f"{name.rpartition('.')[2]}.{w}" for name, m in banks.items() if name not in jetmoe for w in fused_layout(m).weight_names})
+    return modules, parameters
+
+
+def expert_lora_config(config, model=None):
+    """Register the expert LoRA layers on a PEFT LoraConfig (idempotent) and, given the model, resolve
+    which expert weights it targets. Options the expert layers cannot honour stop here, before any training."""
     for key, what in UNSUPPORTED.items():
         if getattr(config, key, None):
             raise SmoeError(f"{key}: {what} is not implemented for LoRA on the expert banks", f"LoRA option {key}", f"unset {key}")
     if config.init_lora_weights not in INITS:
         raise SmoeError(f"init_lora_weights={config.init_lora_weights!r} is not implemented for LoRA on the expert banks", "LoRA option init_lora_weights", f"use one of {INITS}")
     config._register_custom_module({JetMoeParallelExperts: ExpertLoraLayer})
+    if model is None:
+        return config
+    _expert_targets(config, model)
+    banks = fused_experts(model)
+    if banks and config.target_parameters:
+        if config.lora_dropout:
+            raise SmoeError(
+                f"lora_dropout {config.lora_dropout} on fused expert weights: PEFT's target_parameters format, which stock PEFT and vLLM load, has no dropout",
+                "recipe key lora_dropout",
+                "set lora_dropout: 0",
+            )
+        config._register_custom_module({type(m): FusedExpertLora for m in banks.values()})
     return config
