@@ -10,7 +10,7 @@ from alignment.data import read_mixture, read_rows
 from alignment.errors import SmoeError
 from alignment.manifest import write_manifest
 from alignment.models.jetmoe import adapter_base, load_causal_lm, load_tokenizer, root_model
-from alignment.models.lora import expert_lora_config
+from alignment.models.lora import expert_lora_config, lora_targets
 from alignment.models.quant import is_quantized, quantize_experts
 
 
@@ -74,9 +74,10 @@ def load_student(model_args: ModelConfig, data_args: DataArgs):
     if model_args.load_in_4bit and model_type(path) != "jetmoe":
         extra["quantization_config"] = linear_4bit_config(model_args, path)
     model = load_causal_lm(path, model_args.dtype, attn_implementation=model_args.attn_implementation, **extra)
+    if peft_config is not None:  # expert weights adapted per expert (JetMoE banks, fused experts); all-linear resolved for MoEs
+        expert_lora_config(peft_config, model)
+        print(f"LoRA targets: {lora_targets(peft_config)}", file=sys.stderr)
     if model.config.model_type == "jetmoe":
-        if peft_config is not None:
-            expert_lora_config(peft_config)  # lora_target_modules may name the expert banks: input_linear, output_linear
         if is_quantized(model) and peft_config is None:
             raise SmoeError("4-bit expert banks train adapters only", f"model_name_or_path {path} (a 4-bit model)", "set use_peft: true with lora_target_modules")
         if model_args.load_in_4bit and not is_quantized(model):  # QLoRA: the expert banks in NF4 (stock 4-bit loading leaves them untouched)
@@ -128,6 +129,8 @@ def take_trl_router_coef(training_args, moe, model):
 def train_and_save(trainer, stage: str, started: float, **info):
     """Resume from the newest checkpoint if a run was cut off, then save the model and the manifest."""
     output_dir = trainer.args.output_dir
+    if hasattr(trainer.model, "peft_config"):
+        info["lora_targets"] = lora_targets(trainer.model.peft_config["default"])
     trainer.train(resume_from_checkpoint=get_last_checkpoint(output_dir))
     trainer.save_model(output_dir)
     logs = trainer.state.log_history

@@ -203,7 +203,10 @@ def resolve_all_linear(model) -> tuple[list[str], list[str]]:
 
 def expert_lora_config(config, model=None):
     """Register the expert LoRA layers on a PEFT LoraConfig (idempotent) and, given the model, resolve
-    which expert weights it targets. Options the expert layers cannot honour stop here, before any training."""
+    which expert weights it targets. Options the expert layers cannot honour stop here, before any training.
+    A model without expert weights gets the config untouched: plain PEFT serves it."""
+    if model is not None and not expert_modules(model):
+        return config
     for key, what in UNSUPPORTED.items():
         if getattr(config, key, None):
             raise SmoeError(f"{key}: {what} is not implemented for LoRA on the expert banks", f"LoRA option {key}", f"unset {key}")
@@ -213,6 +216,7 @@ def expert_lora_config(config, model=None):
     if model is None:
         return config
     _expert_targets(config, model)
+    check_targets(config, model)
     banks = fused_experts(model)
     if banks and config.target_parameters:
         if config.lora_dropout:
@@ -223,3 +227,20 @@ def expert_lora_config(config, model=None):
             )
         config._register_custom_module({type(m): FusedExpertLora for m in banks.values()})
     return config
+
+
+def check_targets(config, model) -> None:
+    """A `lora_target_modules` name that matches no module stops here, with the names that would."""
+    if config.target_modules is None or isinstance(config.target_modules, str):
+        return
+    names = [name for name, _ in model.named_modules()]
+    unmatched = sorted(t for t in config.target_modules if not any(n == t or n.endswith("." + t) for n in names))
+    if unmatched:
+        leaves = sorted({n.rpartition(".")[2] for n, m in model.named_modules() if isinstance(m, nn.Linear) or n in expert_modules(model)})
+        raise SmoeError(f"lora_target_modules {unmatched} match no module of the model", "recipe key lora_target_modules", f"use names from {leaves}, or all-linear")
+
+
+def lora_targets(config) -> dict:
+    """What an adapter config reaches, for the log and the manifest."""
+    modules = config.target_modules
+    return {"target_modules": sorted(modules) if not isinstance(modules, str) and modules else modules, "target_parameters": sorted(config.target_parameters or [])}

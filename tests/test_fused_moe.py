@@ -1,0 +1,159 @@
+"""Fused-expert families (transformers' use_experts_implementation): one layout view, expert LoRA per
+expert through grouped matmul that stock PEFT loads and reproduces, all-linear on MoEs."""
+
+import copy
+
+import pytest
+import torch
+import transformers
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora.layer import ParamWrapper
+from torch import nn
+
+from alignment.errors import SmoeError
+from alignment.models.lora import FusedExpertLora, expert_lora_config, resolve_all_linear
+from alignment.models.moe import expert_weights, fused_experts, fused_layout
+from alignment.models.tiny import build_tokenizer
+
+SHAPE = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts_per_tok=2)
+FAMILIES = {
+    "mixtral": ("MixtralConfig", dict(intermediate_size=48, num_local_experts=4)),
+    "qwen2_moe": ("Qwen2MoeConfig", dict(moe_intermediate_size=24, shared_expert_intermediate_size=40, num_experts=4, decoder_sparse_step=1)),
+    "olmoe": ("OlmoeConfig", dict(intermediate_size=48, num_experts=4)),
+    "gpt_oss": ("GptOssConfig", dict(intermediate_size=48, num_local_experts=4, layer_types=["full_attention"] * 2)),
+}
+
+
+def tiny(family: str, seed: int = 0):
+    """A random tiny model of the family with the project tokenizer's vocabulary; weights large enough
+    that LoRA changes the logits visibly."""
+    config_name, extra = FAMILIES[family]
+    tokenizer = build_tokenizer()
+    config = getattr(transformers, config_name)(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **SHAPE, **extra)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(std=0.1)
+    return model.eval()
+
+
+def ids(seed: int = 1):
+    return torch.randint(3, 200, (2, 9), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize(
+    "family, layout",
+    [("mixtral", ("gate_up_proj", False, False, True)), ("qwen2_moe", ("gate_up_proj", False, False, True)), ("olmoe", ("gate_up_proj", False, False, True)), ("gpt_oss", ("gate_up_proj", True, True, False))],
+)
+def test_layout_is_read_from_the_modules(family, layout):
+    model = tiny(family)
+    banks = fused_experts(model)
+    assert len(banks) == 2
+    view = fused_layout(next(iter(banks.values())))
+    assert (view.up_name, view.transposed, view.bias, view.concatenated) == layout
+    assert view.num_experts == 4
+    rows = dict((name, rest) for name, *rest in expert_weights(model))
+    intermediate = FAMILIES[family][1].get("moe_intermediate_size", FAMILIES[family][1].get("intermediate_size"))
+    assert rows["model.layers.0.mlp.experts.gate_up_proj"] == [4, 32, 2 * intermediate]
+    assert rows["model.layers.0.mlp.experts.down_proj"] == [4, intermediate, 32]
+
+
+def test_a_module_that_does_not_fit_is_refused_by_name():
+    class OddExperts(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(4, 8, 8))
+
+    holder = nn.Sequential(OddExperts())
+    with pytest.raises(SmoeError, match="OddExperts"):
+        fused_experts(holder)
+
+
+def adapted(model, **lora):
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "experts"], init_lora_weights=False, **lora)
+    return get_peft_model(copy.deepcopy(model), expert_lora_config(config, model))
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_stock_peft_loads_our_adapter_and_reproduces_our_logits(family, tmp_path, monkeypatch):
+    base = tiny(family)
+    ours = adapted(base)
+    config = ours.peft_config["default"]
+    assert sorted(config.target_parameters) == ["experts.down_proj", "experts.gate_up_proj"] and "experts" not in config.target_modules
+    assert sum(isinstance(m, FusedExpertLora) for m in ours.modules()) == 4  # gate/up and down, 2 layers
+
+    def no_dense_update(*args, **kwargs):
+        raise AssertionError("W + BA was built")
+
+    with monkeypatch.context() as patch:  # our forward and backward never go through PEFT's W + BA path
+        patch.setattr(ParamWrapper, "_activate_lora", no_dense_update)
+        ours.train()
+        ours(ids(), labels=ids()).loss.backward()
+        ours.eval()
+        with torch.no_grad():
+            our_logits = ours(ids()).logits
+    grads = {n for n, p in ours.named_parameters() if p.grad is not None}
+    assert grads and all("lora_" in n for n in grads)
+    assert any("experts.base_layer.lora_A" in n for n in grads) and any("experts.lora_B" in n for n in grads)
+    ours.save_pretrained(tmp_path)
+
+    stock = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()  # no registration: PEFT's own ParamWrapper
+    assert not any(isinstance(m, FusedExpertLora) for m in stock.modules())
+    with torch.no_grad():
+        stock_logits, base_logits = stock(ids()).logits, base(ids()).logits
+    assert (our_logits - base_logits).abs().max() > 1e-2  # the adapter does something
+    torch.testing.assert_close(our_logits, stock_logits, atol=1e-5, rtol=0)
+
+
+def test_merge_and_unmerge_the_peft_way():
+    base = tiny("qwen2_moe")
+    model = adapted(base, modules_to_save=None)
+    experts = model.base_model.model.model.layers[0].mlp.experts
+    before = experts.get_base_layer().down_proj.detach().clone()
+    with torch.no_grad():
+        unmerged = model(ids()).logits
+        model.merge_adapter()
+        merged = model(ids()).logits
+        model.unmerge_adapter()
+        again = model(ids()).logits
+        with model.disable_adapter():
+            plain = model(ids()).logits
+    torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=0)
+    torch.testing.assert_close(again, unmerged, atol=1e-5, rtol=0)
+    torch.testing.assert_close(experts.get_base_layer().down_proj, before, atol=1e-6, rtol=0)
+    torch.testing.assert_close(plain, base(ids()).logits, atol=1e-6, rtol=0)
+    final = model.merge_and_unload()
+    assert type(final.model.layers[0].mlp.experts).__name__ == "Qwen2MoeExperts"
+    torch.testing.assert_close(final(ids()).logits, unmerged, atol=1e-5, rtol=0)
+
+
+def test_routers_frozen_by_default_and_trainable_by_modules_to_save():
+    base = tiny("mixtral")
+    frozen = adapted(base)
+    assert not any(p.requires_grad for n, p in frozen.named_parameters() if ".gate." in n)
+    trained = adapted(base, modules_to_save=["gate"])
+    assert any(p.requires_grad for n, p in trained.named_parameters() if "mlp.gate" in n)
+
+
+def test_all_linear_on_moes_is_attention_and_every_expert_weight(micro_model):
+    from alignment.models.jetmoe import load_causal_lm
+
+    modules, parameters = resolve_all_linear(tiny("qwen2_moe"))
+    assert modules == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]  # attention + shared expert
+    assert parameters == ["experts.down_proj", "experts.gate_up_proj"]
+    model = tiny("mixtral")
+    config = expert_lora_config(LoraConfig(r=2, lora_dropout=0.0, target_modules="all-linear"), model)
+    peft_model = get_peft_model(copy.deepcopy(model), config)
+    adapted_names = {n.rpartition(".lora_A")[0] for n, _ in peft_model.named_parameters() if "lora_A" in n}
+    assert not any(".gate" in n or "lm_head" in n for n in adapted_names)
+    assert sum(isinstance(m, FusedExpertLora) for m in peft_model.modules()) == 4
+    jetmoe_modules, jetmoe_parameters = resolve_all_linear(load_causal_lm(micro_model))
+    assert {"input_linear", "output_linear", "kv_proj"} <= set(jetmoe_modules) and "layer" not in jetmoe_modules and not jetmoe_parameters
+
+
+def test_dropout_on_fused_experts_is_refused():
+    model = tiny("olmoe")
+    with pytest.raises(SmoeError, match="lora_dropout"):
+        expert_lora_config(LoraConfig(r=2, lora_dropout=0.05, target_modules=["experts"]), model)
