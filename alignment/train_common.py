@@ -11,7 +11,8 @@ from alignment.errors import SmoeError
 from alignment.manifest import write_manifest
 from alignment.models.jetmoe import adapter_base, load_causal_lm, load_tokenizer, root_model
 from alignment.models.lora import expert_lora_config, lora_targets
-from alignment.models.quant import is_quantized, quantize_experts
+from alignment.models.moe import fused_experts
+from alignment.models.quant import fused_quantized, is_quantized, quantize_experts, quantize_fused_experts
 
 
 @dataclass
@@ -77,6 +78,8 @@ def load_student(model_args: ModelConfig, data_args: DataArgs):
     if peft_config is not None:  # expert weights adapted per expert (JetMoE banks, fused experts); all-linear resolved for MoEs
         expert_lora_config(peft_config, model)
         print(f"LoRA targets: {lora_targets(peft_config)}", file=sys.stderr)
+    if model_args.load_in_4bit and fused_experts(model) and not fused_quantized(model):  # QLoRA: fused 3-D experts in NF4 too
+        quantize_fused_experts(model, compute_dtype=next(p.dtype for p in model.parameters() if p.is_floating_point()))
     if model.config.model_type == "jetmoe":
         if is_quantized(model) and peft_config is None:
             raise SmoeError("4-bit expert banks train adapters only", f"model_name_or_path {path} (a 4-bit model)", "set use_peft: true with lora_target_modules")
@@ -99,7 +102,7 @@ def model_type(path: str) -> str | None:
 
 def linear_4bit_config(model_args: ModelConfig, path: str):
     """transformers' own 4-bit loading (NF4 nn.Linear layers) for models without JetMoE expert banks;
-    routers and lm_head stay in full precision. 3-D fused expert weights are not nn.Linear: they stay too."""
+    routers and lm_head stay in full precision. 3-D fused expert weights are not nn.Linear: `quantize_fused_experts` takes them."""
     import torch
     from transformers import BitsAndBytesConfig
 
@@ -109,7 +112,7 @@ def linear_4bit_config(model_args: ModelConfig, path: str):
     if adapter_base(path) is not None:
         raise SmoeError("4-bit loading of an adapter directory works for JetMoE only", f"model_name_or_path {path}", "merge it into a model directory first, then train QLoRA on that")
     dtype = model_args.dtype if model_args.dtype not in (None, "auto") else "bfloat16"
-    print(f"note: load_in_4bit quantizes the nn.Linear layers of {path} to {model_args.bnb_4bit_quant_type}; fused 3-D expert weights, routers and lm_head keep {dtype}", file=sys.stderr)
+    print(f"note: load_in_4bit quantizes the nn.Linear layers of {path} to {model_args.bnb_4bit_quant_type}; routers and lm_head keep {dtype}; fused 3-D experts go to NF4 per expert after loading", file=sys.stderr)
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=model_args.bnb_4bit_quant_type,

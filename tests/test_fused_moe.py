@@ -81,7 +81,8 @@ def test_stock_peft_loads_our_adapter_and_reproduces_our_logits(family, tmp_path
     base = tiny(family)
     ours = adapted(base)
     config = ours.peft_config["default"]
-    assert sorted(config.target_parameters) == ["experts.down_proj", "experts.gate_up_proj"] and "experts" not in config.target_modules
+    assert sorted(config.target_parameters) == [f"model.layers.{i}.mlp.experts.{w}" for i in (0, 1) for w in ("down_proj", "gate_up_proj")]
+    assert "experts" not in config.target_modules
     assert sum(isinstance(m, FusedExpertLora) for m in ours.modules()) == 4  # gate/up and down, 2 layers
 
     def no_dense_update(*args, **kwargs):
@@ -142,7 +143,7 @@ def test_all_linear_on_moes_is_attention_and_every_expert_weight(micro_model):
 
     modules, parameters = resolve_all_linear(tiny("qwen2_moe"))
     assert modules == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]  # attention + shared expert
-    assert parameters == ["experts.down_proj", "experts.gate_up_proj"]
+    assert parameters == [f"model.layers.{i}.mlp.experts.{w}" for i in (0, 1) for w in ("down_proj", "gate_up_proj")]
     model = tiny("mixtral")
     config = expert_lora_config(LoraConfig(r=2, lora_dropout=0.0, target_modules="all-linear"), model)
     peft_model = get_peft_model(copy.deepcopy(model), config)
@@ -157,3 +158,58 @@ def test_dropout_on_fused_experts_is_refused():
     model = tiny("olmoe")
     with pytest.raises(SmoeError, match="lora_dropout"):
         expert_lora_config(LoraConfig(r=2, lora_dropout=0.05, target_modules=["experts"]), model)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_nf4_fused_experts_per_expert_with_lora(family):
+    import bitsandbytes.functional
+
+    from alignment.models.quant import NF4Experts, fused_quantized, quantize_fused_experts
+
+    base = tiny(family)
+    full_bytes = sum(p.numel() * 2 for n, p in base.named_parameters() if n.endswith(("gate_up_proj", "down_proj")))  # as bf16
+    reference = copy.deepcopy(base)
+    quantized = quantize_fused_experts(copy.deepcopy(base), compute_dtype=torch.float32)
+    assert fused_quantized(quantized)
+    experts = quantized.model.layers[0].mlp.experts
+    nf4 = [p for p in experts.parametrizations.down_proj if isinstance(p, NF4Experts)][0]
+    assert len(nf4.states) == 4 and all(s.nested for s in nf4.states)  # one state per expert, double quantised
+    assert experts.parametrizations.down_proj.original.dtype == torch.uint8
+    nf4_bytes = sum(
+        [p for p in m.parametrizations[name] if isinstance(p, NF4Experts)][0].storage_bytes(m.parametrizations[name].original)
+        for m in fused_experts(quantized).values()
+        for name in ("gate_up_proj", "down_proj")
+    )
+    assert nf4_bytes <= 0.3 * full_bytes
+    # the NF4 weights, dequantised, equal bitsandbytes' round trip of each expert [out, in] alone
+    functional = bitsandbytes.functional
+    original = reference.model.layers[0].mlp.experts.down_proj.detach()
+    transposed = fused_layout(experts).transposed
+    round_trip = []
+    for expert in original.unbind(0):
+        matrix = (expert.t() if transposed else expert).contiguous()
+        back = functional.dequantize_4bit(*functional.quantize_4bit(matrix, blocksize=64, quant_type="nf4", compress_statistics=True))
+        round_trip.append(back.t() if transposed else back)
+    torch.testing.assert_close(experts.down_proj, torch.stack(round_trip), atol=0, rtol=0)
+    lora = get_peft_model(quantized, expert_lora_config(LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["experts"], init_lora_weights=False), quantized))
+    lora.train()
+    lora(ids(), labels=ids()).loss.backward()
+    grads = {n for n, p in lora.named_parameters() if p.grad is not None}
+    assert grads and all("lora_" in n for n in grads)
+    with pytest.raises(ValueError, match="4-bit"):
+        lora.merge_adapter()
+    # with the adapter, the 4-bit model gives PEFT's answer on the dequantised weights
+    dequantized = copy.deepcopy(reference)
+    for name, module in fused_experts(dequantized).items():
+        q = quantized.get_submodule(name).get_base_layer()  # get_peft_model wrapped it in place
+        for w in ("gate_up_proj", "down_proj"):
+            getattr(module, w).data = getattr(q, w).detach().clone()
+    lora.eval()
+    with torch.no_grad():
+        ours = lora(ids()).logits
+    sd = {k.replace("base_model.model.", ""): v for k, v in lora.state_dict().items() if "lora_" in k}
+    plain = get_peft_model(dequantized, LoraConfig(r=4, lora_alpha=8, target_parameters=["experts.gate_up_proj", "experts.down_proj"], target_modules=[]))
+    assert not any(isinstance(m, FusedExpertLora) for m in plain.modules())
+    plain.base_model.model.load_state_dict(sd, strict=False)
+    with torch.no_grad():
+        torch.testing.assert_close(ours, plain(ids()).logits, atol=1e-4, rtol=0)

@@ -20,6 +20,7 @@ from transformers.models.jetmoe.modeling_jetmoe import JetMoeParallelExperts
 
 from alignment.errors import SmoeError
 from alignment.models.experts import grouped_linear
+from alignment.models.quant import fused_quantized
 from alignment.models.moe import expert_modules, fused_experts, fused_experts_forward, fused_layout
 
 
@@ -123,12 +124,38 @@ class FusedExpertLora(ParamWrapper):
     `fused_experts_forward` (x A_e^T B_e^T through two grouped matmuls) instead of building W + BA
     for every expert."""
 
+    def __init__(self, base_layer, adapter_name: str, parameter_name: str, config, **kwargs):
+        super().__init__(base_layer, adapter_name, parameter_name, config, **kwargs)
+        self._nest_in_registration_order()
+
+    def _nest_in_registration_order(self):
+        """PEFT nests the wrappers of a plain experts module in the order its weights were registered
+        (gate/up innermost) but those of a parametrized one (4-bit) in sorted-name order; the nest
+        decides the saved keys, so a QLoRA adapter would not load onto the full-precision model. Where
+        PEFT built it the other way, this wrapper and the one inside trade everything but their base."""
+        inner = self.base_layer
+        if not isinstance(inner, FusedExpertLora):
+            return
+        order = fused_layout(self.get_base_layer()).weight_names
+        if order.index(self.parameter_name) > order.index(inner.parameter_name):
+            return
+        mine, theirs = self.__dict__, inner.__dict__
+        for key in (set(mine) | set(theirs)) - {"_modules"}:
+            mine[key], theirs[key] = theirs.get(key), mine.get(key)
+        for key in (set(mine["_modules"]) | set(theirs["_modules"])) - {"base_layer"}:
+            mine["_modules"][key], theirs["_modules"][key] = theirs["_modules"].get(key), mine["_modules"].get(key)
+
     def factors(self, adapter: str):
         """(A [E, r, in], B [E, out, r] contiguous, scaling): the same numbers as PEFT's get_delta_factors."""
         experts = self.num_experts
         a = self.lora_A[adapter].weight
         b = self.lora_B[adapter].weight
         return a.view(experts, -1, a.shape[-1]), b.view(b.shape[0], -1, experts).permute(2, 0, 1).contiguous(), self.scaling[adapter]
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        if fused_quantized(self.get_base_layer()):  # writing into a dequantised copy would be lost silently
+            raise ValueError("cannot merge into 4-bit experts: load the adapter onto the full-precision model and merge there")
+        super().merge(safe_merge, adapter_names)
 
     def _nest(self) -> list["FusedExpertLora"]:
         layers, layer = [], self
@@ -139,17 +166,20 @@ class FusedExpertLora(ParamWrapper):
 
     def forward(self, hidden_states, top_k_index, top_k_weights, *args, **kwargs):
         experts, nest = self.get_base_layer(), self._nest()
+        quantized = fused_quantized(experts)
         if self.disable_adapters:
             for layer in nest:
                 if layer.merged:
                     layer.unmerge()
+            if quantized:  # the stock forward would dequantise whole banks
+                return fused_experts_forward(experts, hidden_states, top_k_index, top_k_weights)
             return experts(hidden_states, top_k_index, top_k_weights, *args, **kwargs)
         lora = {}
         for layer in nest:
             if not layer.merged:
                 active = [name for name in layer.active_adapters if name in layer.lora_A]
                 lora[layer.parameter_name] = [layer.factors(name) for name in active]
-        if not any(lora.values()):
+        if not any(lora.values()) and not quantized:
             return experts(hidden_states, top_k_index, top_k_weights, *args, **kwargs)
         return fused_experts_forward(experts, hidden_states, top_k_index, top_k_weights, lora)
 
@@ -163,7 +193,8 @@ FusedExpertLora.__name__ = "ParamWrapper"
 
 def _expert_targets(config, model) -> None:
     """`target_modules` entries that name a fused experts module (for example `experts`) become PEFT
-    `target_parameters` on its gate/up and down weights; `all-linear` is resolved for MoEs."""
+    `target_parameters` on its gate/up and down weights, by full name (PEFT matches a parametrized
+    weight, as the 4-bit ones are, by full name only); `all-linear` is resolved for MoEs."""
     banks = fused_experts(model)
     if isinstance(config.target_modules, str) and config.target_modules in ("all-linear", "all_linear") and expert_modules(model):
         modules, parameters = resolve_all_linear(model)
@@ -175,7 +206,7 @@ def _expert_targets(config, model) -> None:
     leaf_names = {name.rpartition(".")[2] for name in banks}
     named = targets & leaf_names
     if named:
-        parameters = {f"{name.rpartition('.')[2]}.{weight}" for name, module in banks.items() if name.rpartition(".")[2] in named for weight in fused_layout(module).weight_names}
+        parameters = {f"{name}.{weight}" for name, module in banks.items() if name.rpartition(".")[2] in named for weight in fused_layout(module).weight_names}
         config.target_modules = targets - named
         config.target_parameters = sorted(set(config.target_parameters or []) | parameters)
 
@@ -197,7 +228,7 @@ def resolve_all_linear(model) -> tuple[list[str], list[str]]:
     leaves = {name.rpartition(".")[2] for name in chosen | jetmoe}
     exact = all((name in chosen) for name in linear if name.rpartition(".")[2] in leaves)
     modules = sorted(leaves) if exact else sorted(chosen | jetmoe)
-    parameters = sorted({f"{name.rpartition('.')[2]}.{w}" for name, m in banks.items() if name not in jetmoe for w in fused_layout(m).weight_names})
+    parameters = sorted(f"{name}.{w}" for name, m in banks.items() if name not in jetmoe for w in fused_layout(m).weight_names)
     return modules, parameters
 
 

@@ -20,10 +20,12 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 from transformers.models.jetmoe.modeling_jetmoe import JetMoeParallelExperts
 
 from alignment.errors import SmoeError
 from alignment.models.experts import grouped_linear
+from alignment.models.quant import nf4_parametrization
 
 LAYOUT_FLAGS = ("has_gate", "is_transposed", "has_bias", "is_concatenated")
 
@@ -44,8 +46,19 @@ class FusedExperts:
         return self.up_name, "down_proj"
 
     def in_out(self, module: nn.Module, name: str) -> tuple[int, int]:
-        _, rows, cols = getattr(module, name).shape
+        _, rows, cols = weight_shape(module, name)
         return (rows, cols) if self.transposed else (cols, rows)
+
+
+def weight_shape(module: nn.Module, name: str) -> tuple | None:
+    """The 3-D shape of a fused weight, without dequantising it when it is held in NF4."""
+    nf4 = nf4_parametrization(module, name)
+    if nf4 is not None:
+        out, in_ = nf4.states[0].shape
+        shape = (len(nf4.states), in_, out) if nf4.transposed else (len(nf4.states), out, in_)
+        return torch.Size(shape)
+    weight = getattr(module, name, None)
+    return weight.shape if isinstance(weight, torch.Tensor) else None
 
 
 def _three_d(module: nn.Module) -> list[str]:
@@ -63,9 +76,9 @@ def fused_layout(module: nn.Module) -> FusedExperts:
             "use a model whose experts module is decorated with @use_experts_implementation (transformers 5), or a JetMoE",
         )
     up_name = "gate_up_proj" if module.has_gate else "up_proj"
-    weights = {name: getattr(module, name, None) for name in (up_name, "down_proj")}
-    bad = [name for name, w in weights.items() if not isinstance(w, torch.Tensor) or w.dim() != 3]
-    if bad or weights[up_name].shape[0] != weights["down_proj"].shape[0]:
+    weights = {name: weight_shape(module, name) for name in (up_name, "down_proj")}
+    bad = [name for name, shape in weights.items() if shape is None or len(shape) != 3]
+    if bad or weights[up_name][0] != weights["down_proj"][0]:
         raise SmoeError(
             f"{cls} does not hold its experts as 3-D {up_name} and down_proj weights with one expert per row (missing or misshapen: {bad or 'expert counts differ'})",
             f"module class {cls}",
@@ -74,7 +87,7 @@ def fused_layout(module: nn.Module) -> FusedExperts:
     if module.has_bias and any(getattr(module, f"{name}_bias", None) is None for name in weights):
         raise SmoeError(f"{cls} says has_bias but holds no {up_name}_bias / down_proj_bias", f"module class {cls}", "open an issue naming the model")
     return FusedExperts(
-        num_experts=weights[up_name].shape[0],
+        num_experts=weights[up_name][0],
         up_name=up_name,
         transposed=module.is_transposed,
         bias=module.has_bias,
@@ -88,8 +101,8 @@ def expert_modules(model: nn.Module) -> dict[str, nn.Module]:
     found = {}
     for name, module in model.named_modules():
         base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
-        if base is not module:
-            continue  # a PEFT wrapper: its base layer comes up on its own
+        if base is not module or isinstance(module, parametrize.ParametrizationList):
+            continue  # a PEFT wrapper or a parametrization (4-bit weights): the module they serve comes up on its own
         if isinstance(module, JetMoeParallelExperts) or getattr(module, "is_quantized_experts", False):
             found[name] = module
         elif _three_d(module) or hasattr(module, "has_gate"):
@@ -117,10 +130,11 @@ def expert_weights(model: nn.Module) -> list[tuple[str, int, int, int]]:
 
 def _project(module, layout: FusedExperts, name: str, x, sizes, expert_ids, lora):
     """x [tokens sorted by expert, in] through weight `name` of every expert, plus each LoRA x A^T B^T * s."""
-    weight = module.weight_of(name) if hasattr(module, "weight_of") else getattr(module, name)
-    if callable(weight):  # 4-bit experts give a per-expert product instead of a tensor
-        y = weight(x, sizes)
+    nf4 = nf4_parametrization(module, name)
+    if nf4 is not None:  # 4-bit experts: one expert dequantised at a time, never the bank
+        y = nf4.matmul(module.parametrizations[name].original, x, sizes)
     else:
+        weight = getattr(module, name)
         y = grouped_linear(x, weight.transpose(1, 2) if layout.transposed else weight, sizes)
     if layout.bias:
         y = y + getattr(module, f"{name}_bias")[expert_ids]
