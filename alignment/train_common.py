@@ -75,11 +75,11 @@ def load_student(model_args: ModelConfig, data_args: DataArgs):
     if model_args.load_in_4bit and model_type(path) != "jetmoe":
         extra["quantization_config"] = linear_4bit_config(model_args, path)
     model = load_causal_lm(path, model_args.dtype, attn_implementation=model_args.attn_implementation, **extra)
+    if model_args.load_in_4bit and fused_experts(model) and not fused_quantized(model):  # QLoRA: fused 3-D experts in NF4 too
+        quantize_fused_experts(model, compute_dtype=next(p.dtype for p in model.parameters() if p.is_floating_point()))
     if peft_config is not None:  # expert weights adapted per expert (JetMoE banks, fused experts); all-linear resolved for MoEs
         expert_lora_config(peft_config, model)
         print(f"LoRA targets: {lora_targets(peft_config)}", file=sys.stderr)
-    if model_args.load_in_4bit and fused_experts(model) and not fused_quantized(model):  # QLoRA: fused 3-D experts in NF4 too
-        quantize_fused_experts(model, compute_dtype=next(p.dtype for p in model.parameters() if p.is_floating_point()))
     if model.config.model_type == "jetmoe":
         if is_quantized(model) and peft_config is None:
             raise SmoeError("4-bit expert banks train adapters only", f"model_name_or_path {path} (a 4-bit model)", "set use_peft: true with lora_target_modules")

@@ -213,3 +213,45 @@ def test_nf4_fused_experts_per_expert_with_lora(family):
     plain.base_model.model.load_state_dict(sd, strict=False)
     with torch.no_grad():
         torch.testing.assert_close(ours, plain(ids()).logits, atol=1e-4, rtol=0)
+
+
+def test_qlora_sft_then_lora_dpo_on_a_fused_moe_through_the_cli(tmp_path):
+    """Qwen2-MoE (shared expert): all-linear + load_in_4bit trains attention, shared expert and every
+    expert weight in 4-bit; the adapter loads in stock PEFT onto the full model; dDPO trains from it."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from alignment.cli import main
+    from alignment.models.jetmoe import load_causal_lm
+
+    base_dir = tmp_path / "base"
+    tiny("qwen2_moe").save_pretrained(base_dir)
+    build_tokenizer().save_pretrained(base_dir)
+    fast = ["--max_steps", "2", "--logging_steps", "1", "--report_to", "none", "--per_device_train_batch_size", "4", "--learning_rate", "1e-2"]
+    assert main(["teacher-sft", "--config", "recipes/tiny/teacher_sft.yaml", "--prompts_per_skill", "4", "--output_dir", str(tmp_path / "data")]) == 0
+    sft = tmp_path / "sft"
+    qlora = ["--lora_target_modules", "all-linear", "--load_in_4bit", "true"]
+    assert main(["sft", "--config", "recipes/tiny/sft_lora.yaml", "--model_name_or_path", str(base_dir), "--dataset_path", str(tmp_path / "data"), "--output_dir", str(sft), *fast, *qlora]) == 0
+    targets = json.loads((sft / "manifest.json").read_text())["lora_targets"]
+    # named in full: the shared expert's down_proj shares its name with the 4-bit fused down_proj
+    assert {t.rpartition(".")[2] for t in targets["target_modules"]} == {"down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"}
+    assert not any("experts" in t and "shared" not in t for t in targets["target_modules"])
+    assert len(targets["target_parameters"]) == 4
+    adapter = load_file(sft / "adapter_model.safetensors")
+    assert any("experts.lora_B" in k and adapter[k].abs().sum() > 0 for k in adapter)
+    assert not any(".gate." in k or "shared_expert_gate" in k or "lm_head" in k for k in adapter)
+    stock = PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(base_dir), sft).eval()
+    ours = load_causal_lm(str(sft)).eval()  # merged through our loading path
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids()).logits, stock(ids()).logits, atol=1e-5, rtol=0)
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join('{"prompt": "sort 321", "chosen": "Answer: 123", "rejected": "Answer: 13%d"}\n' % i for i in range(8)))
+    assert main(["dpo", "--config", "recipes/tiny/dpo_lora.yaml", "--model_name_or_path", str(sft), "--dataset_path", str(pairs), "--output_dir", str(tmp_path / "dpo"), "--lora_target_modules", "[q_proj, experts]", *fast]) == 0
+    assert len(json.loads((tmp_path / "dpo" / "manifest.json").read_text())["lora_targets"]["target_parameters"]) == 4
+
+
+def test_a_target_that_matches_nothing_is_refused(tmp_path, capsys):
+    model = tiny("mixtral")
+    with pytest.raises(SmoeError, match="input_linear"):
+        expert_lora_config(LoraConfig(r=2, lora_dropout=0.0, target_modules=["q_proj", "input_linear"]), model)

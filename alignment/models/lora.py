@@ -226,7 +226,7 @@ def resolve_all_linear(model) -> tuple[list[str], list[str]]:
     banks = expert_modules(model)
     jetmoe = {name for name, m in banks.items() if isinstance(m, JetMoeParallelExperts)}
     leaves = {name.rpartition(".")[2] for name in chosen | jetmoe}
-    exact = all((name in chosen) for name in linear if name.rpartition(".")[2] in leaves)
+    exact = all(name in chosen | jetmoe for name, _ in model.named_modules() if name.rpartition(".")[2] in leaves)
     modules = sorted(leaves) if exact else sorted(chosen | jetmoe)
     parameters = sorted(f"{name}.{w}" for name, m in banks.items() if name not in jetmoe for w in fused_layout(m).weight_names)
     return modules, parameters
@@ -265,7 +265,11 @@ def check_targets(config, model) -> None:
     if config.target_modules is None or isinstance(config.target_modules, str):
         return
     names = [name for name, _ in model.named_modules()]
-    unmatched = sorted(t for t in config.target_modules if not any(n == t or n.endswith("." + t) for n in names))
+    matches = {t: [n for n in names if n == t or n.endswith("." + t)] for t in config.target_modules}
+    unmatched = sorted(t for t, found in matches.items() if not found)
+    if not unmatched and any(".parametrizations." in n for found in matches.values() for n in found):
+        # a name shared with a 4-bit fused weight (Qwen2-MoE's shared expert down_proj): name the modules in full
+        config.target_modules = {n for found in matches.values() for n in found if ".parametrizations." not in n}
     if unmatched:
         leaves = sorted({n.rpartition(".")[2] for n, m in model.named_modules() if isinstance(m, nn.Linear) or n in expert_modules(model)})
         raise SmoeError(f"lora_target_modules {unmatched} match no module of the model", "recipe key lora_target_modules", f"use names from {leaves}, or all-linear")
