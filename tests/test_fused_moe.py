@@ -231,7 +231,7 @@ def test_qlora_sft_then_lora_dpo_on_a_fused_moe_through_the_cli(tmp_path):
     fast = ["--max_steps", "2", "--logging_steps", "1", "--report_to", "none", "--per_device_train_batch_size", "4", "--learning_rate", "1e-2"]
     assert main(["teacher-sft", "--config", "recipes/tiny/teacher_sft.yaml", "--prompts_per_skill", "4", "--output_dir", str(tmp_path / "data")]) == 0
     sft = tmp_path / "sft"
-    qlora = ["--lora_target_modules", "all-linear", "--load_in_4bit", "true"]
+    qlora = ["--lora_target_modules", "all-linear", "--load_in_4bit", "true", "--max_steps", "1", "--warmup_steps", "0"]  # 4-bit steps are slow on CPU
     assert main(["sft", "--config", "recipes/tiny/sft_lora.yaml", "--model_name_or_path", str(base_dir), "--dataset_path", str(tmp_path / "data"), "--output_dir", str(sft), *fast, *qlora]) == 0
     targets = json.loads((sft / "manifest.json").read_text())["lora_targets"]
     # named in full: the shared expert's down_proj shares its name with the 4-bit fused down_proj

@@ -271,7 +271,8 @@ def check_targets(config, model) -> None:
         # a name shared with a 4-bit fused weight (Qwen2-MoE's shared expert down_proj): name the modules in full
         config.target_modules = {n for found in matches.values() for n in found if ".parametrizations." not in n}
     if unmatched:
-        leaves = sorted({n.rpartition(".")[2] for n, m in model.named_modules() if isinstance(m, nn.Linear) or n in expert_modules(model)})
+        banks = expert_modules(model)
+        leaves = sorted({n.rpartition(".")[2] for n, m in model.named_modules() if isinstance(m, nn.Linear) or n in banks})
         raise SmoeError(f"lora_target_modules {unmatched} match no module of the model", "recipe key lora_target_modules", f"use names from {leaves}, or all-linear")
 
 
