@@ -161,7 +161,7 @@ def test_dropout_on_fused_experts_is_refused():
 
 
 @pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
-def test_nf4_fused_experts_per_expert_with_lora(family):
+def test_nf4_fused_experts_per_expert_with_lora(family, monkeypatch):
     import bitsandbytes.functional
 
     from alignment.models.quant import NF4Experts, fused_quantized, quantize_fused_experts
@@ -191,6 +191,12 @@ def test_nf4_fused_experts_per_expert_with_lora(family):
         back = functional.dequantize_4bit(*functional.quantize_4bit(matrix, blocksize=64, quant_type="nf4", compress_statistics=True))
         round_trip.append(back.t() if transposed else back)
     torch.testing.assert_close(experts.down_proj, torch.stack(round_trip), atol=0, rtol=0)
+    def whole_bank(*args):
+        raise AssertionError("a whole expert bank was dequantised")
+
+    with monkeypatch.context() as patch, torch.no_grad():  # frozen 4-bit experts (LoRA elsewhere) run per expert too
+        patch.setattr(NF4Experts, "forward", whole_bank)
+        quantized(ids())
     lora = get_peft_model(quantized, expert_lora_config(LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["experts"], init_lora_weights=False), quantized))
     lora.train()
     lora(ids(), labels=ids()).loss.backward()

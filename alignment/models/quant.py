@@ -266,7 +266,15 @@ def quantize_fused_experts(model: nn.Module, compute_dtype: torch.dtype = torch.
             module.register_parameter(name, nn.Parameter(torch.stack(packed), requires_grad=False))
             del weight
             parametrize.register_parametrization(module, name, NF4Experts(states, layout.transposed, compute_dtype), unsafe=True)
+        # the class parametrize made for this one module: its own forward, which never dequantises a whole bank
+        type(module).forward = _nf4_experts_forward
     return model
+
+
+def _nf4_experts_forward(self, hidden_states, top_k_index, top_k_weights, *args, **kwargs):
+    from alignment.models.moe import fused_experts_forward
+
+    return fused_experts_forward(self, hidden_states, top_k_index, top_k_weights)
 
 
 def fused_quantized(model: nn.Module) -> bool:
