@@ -11,6 +11,7 @@ needs the same registration (`alignment.models.jetmoe.load_causal_lm` does it).
 """
 
 import math
+import sys
 
 import torch
 from peft.tuners.lora import LoraLayer
@@ -248,6 +249,9 @@ def expert_lora_config(config, model=None):
         return config
     _expert_targets(config, model)
     check_targets(config, model)
+    dropped = peft_drops(config, model)
+    if dropped:
+        print(f"note: PEFT maps {dropped} onto the fused experts of {model.config.model_type} (its conversion of transformers-4 adapters): modules of those names outside the experts get no LoRA", file=sys.stderr)
     banks = fused_experts(model)
     if banks and config.target_parameters:
         if config.lora_dropout:
@@ -258,6 +262,23 @@ def expert_lora_config(config, model=None):
             )
         config._register_custom_module({type(m): FusedExpertLora for m in banks.values()})
     return config
+
+
+def peft_drops(config, model) -> list[str]:
+    """Targets PEFT itself will drop: for some families (DeepSeek-V3, GLM4-MoE, ...) PEFT 0.21 reads
+    `gate_proj` / `up_proj` / `down_proj` as transformers-4 expert names and maps them onto the fused
+    experts (to load old adapters), so shared experts and dense MLPs of those names get no LoRA."""
+    import copy
+
+    try:
+        from peft.utils.transformers_weight_conversion import _convert_peft_config_moe
+    except ImportError:
+        return []
+    if config.target_modules is None or isinstance(config.target_modules, str):
+        return []
+    converted = copy.deepcopy(config)
+    _convert_peft_config_moe(converted, model)
+    return sorted(set(config.target_modules) - set(converted.target_modules or []))
 
 
 def check_targets(config, model) -> None:
