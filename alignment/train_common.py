@@ -13,8 +13,9 @@ from alignment.distributed import check_launch, describe, prepare_final_save
 from alignment.errors import SmoeError
 from alignment.manifest import is_main_process, write_manifest
 from alignment.models.jetmoe import adapter_base, load_causal_lm, load_tokenizer, root_model
-from alignment.models.lora import expert_lora_config
-from alignment.models.quant import bitsandbytes, is_quantized, quantize_experts
+from alignment.models.lora import expert_lora_config, lora_targets
+from alignment.models.moe import fused_experts
+from alignment.models.quant import bitsandbytes, fused_quantized, is_quantized, quantize_experts, quantize_fused_experts
 
 
 @dataclass
@@ -82,9 +83,12 @@ def load_student(model_args: ModelConfig, data_args: DataArgs):
     if model_args.load_in_4bit and model_type(path) != "jetmoe":
         extra["quantization_config"] = linear_4bit_config(model_args, path)
     model = load_causal_lm(path, model_args.dtype, attn_implementation=model_args.attn_implementation, **extra)
+    if model_args.load_in_4bit and fused_experts(model) and not fused_quantized(model):  # QLoRA: fused 3-D experts in NF4 too
+        quantize_fused_experts(model, compute_dtype=next(p.dtype for p in model.parameters() if p.is_floating_point()))
+    if peft_config is not None:  # expert weights adapted per expert (JetMoE banks, fused experts); all-linear resolved for MoEs
+        expert_lora_config(peft_config, model)
+        print(f"LoRA targets: {lora_targets(peft_config)}", file=sys.stderr)
     if model.config.model_type == "jetmoe":
-        if peft_config is not None:
-            expert_lora_config(peft_config)  # lora_target_modules may name the expert banks: input_linear, output_linear
         if is_quantized(model) and peft_config is None:
             raise SmoeError("4-bit expert banks train adapters only", f"model_name_or_path {path} (a 4-bit model)", "set use_peft: true with lora_target_modules")
         if model_args.load_in_4bit and not is_quantized(model):  # QLoRA: the expert banks in NF4 (stock 4-bit loading leaves them untouched)
@@ -106,7 +110,7 @@ def model_type(path: str) -> str | None:
 
 def linear_4bit_config(model_args: ModelConfig, path: str):
     """transformers' own 4-bit loading (NF4 nn.Linear layers) for models without JetMoE expert banks;
-    routers and lm_head stay in full precision. 3-D fused expert weights are not nn.Linear: they stay too."""
+    routers and lm_head stay in full precision. 3-D fused expert weights are not nn.Linear: `quantize_fused_experts` takes them."""
     from transformers import BitsAndBytesConfig
 
     from alignment.models.quant import bitsandbytes
@@ -115,7 +119,7 @@ def linear_4bit_config(model_args: ModelConfig, path: str):
     if adapter_base(path) is not None:
         raise SmoeError("4-bit loading of an adapter directory works for JetMoE only", f"model_name_or_path {path}", "merge it into a model directory first, then train QLoRA on that")
     dtype = model_args.dtype if model_args.dtype not in (None, "auto") else "bfloat16"
-    print(f"note: load_in_4bit quantizes the nn.Linear layers of {path} to {model_args.bnb_4bit_quant_type}; fused 3-D expert weights, routers and lm_head keep {dtype}", file=sys.stderr)
+    print(f"note: load_in_4bit quantizes the nn.Linear layers of {path} to {model_args.bnb_4bit_quant_type}; routers and lm_head keep {dtype}; fused 3-D experts go to NF4 per expert after loading", file=sys.stderr)
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=model_args.bnb_4bit_quant_type,
@@ -149,6 +153,8 @@ def train_and_save(trainer, stage: str, started: float, **info):
     """Resume from the newest checkpoint if a run was cut off, then save the model and the manifest."""
     output_dir = trainer.args.output_dir
     check_launch(trainer)
+    if hasattr(trainer.model, "peft_config"):
+        info["lora_targets"] = lora_targets(trainer.model.peft_config["default"])
     trainer.train(resume_from_checkpoint=last_complete_checkpoint(output_dir))
     prepare_final_save(trainer)
     trainer.save_model(output_dir)

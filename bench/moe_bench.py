@@ -8,7 +8,12 @@ Mid size: hidden 1024, expert width 2816, 8 experts top-2 in both banks, 2048 to
    (whose outputs it must match to 1e-5), run as a TRL + PEFT user runs it (transformers' expert loop)
    and, for a fair view of the LoRA part alone, on our grouped experts too.
 
-usage: python bench/moe_bench.py [--rounds 3] [--layers 2]
+3. The same two on transformers' fused experts (a Mixtral-style model, same sizes, transformers'
+   grouped_mm experts): NF4 bytes and forward of one experts module; expert LoRA (ours: per expert
+   through grouped matmul) against the frozen step and against PEFT `target_parameters` on the same
+   grouped_mm experts, with the same factors.
+
+usage: python bench/moe_bench.py [--rounds 3] [--layers 2] [--only jetmoe|fused]
 """
 
 import argparse
@@ -21,7 +26,8 @@ from transformers.models.jetmoe.modeling_jetmoe import JetMoeParallelExperts
 
 from alignment.models.experts import STOCK_FORWARD, experts_forward, use_fast_experts
 from alignment.models.lora import expert_lora_config
-from alignment.models.quant import QuantizedExperts
+from alignment.models.moe import fused_experts_forward
+from alignment.models.quant import NF4Experts, QuantizedExperts, quantize_fused_experts
 
 HIDDEN, WIDTH, EXPERTS, TOP_K, TOKENS = 1024, 2816, 8, 2, 2048
 BANKS = ["mlp.input_linear.weight", "mlp.output_linear.weight", "experts.input_linear.weight", "experts.output_linear.weight"]
@@ -110,14 +116,87 @@ def lora_step(rounds: int, layers: int):
     print(f"  max |logits difference| expert LoRA vs target_parameters: {diff:.2e}")
 
 
+def mixtral(layers: int, dtype=torch.float32):
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(vocab_size=512, hidden_size=HIDDEN, intermediate_size=WIDTH, num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=8, num_local_experts=EXPERTS, num_experts_per_tok=TOP_K)
+    config._experts_implementation, config._attn_implementation = "grouped_mm", "sdpa"
+    torch.manual_seed(0)
+    return MixtralForCausalLM(config).to(dtype)
+
+
+def routing(tokens: int):
+    torch.manual_seed(0)
+    top_k_weights, top_k_index = torch.rand(tokens, EXPERTS).softmax(-1).topk(TOP_K, dim=-1)
+    return top_k_index, top_k_weights
+
+
+def fused_four_bit(rounds: int):
+    experts = mixtral(1, torch.bfloat16).model.layers[0].mlp.experts
+    with torch.no_grad():
+        for p in (experts.gate_up_proj, experts.down_proj):
+            torch.nn.init.normal_(p, std=0.02)
+    bf16_bytes = (experts.gate_up_proj.numel() + experts.down_proj.numel()) * 2
+    quantised = quantize_fused_experts(__import__("copy").deepcopy(experts), torch.bfloat16)
+    nf4_bytes = sum(p.storage_bytes(quantised.parametrizations[name].original) for name in ("gate_up_proj", "down_proj") for p in quantised.parametrizations[name] if isinstance(p, NF4Experts))
+    index, weights = routing(TOKENS)
+    x = torch.randn(TOKENS, HIDDEN, dtype=torch.bfloat16)
+    bf16_time = q_time = float("inf")
+    with torch.no_grad():
+        for _ in range(rounds):
+            bf16_time = min(bf16_time, best(lambda: experts(x, index, weights), 1))
+            q_time = min(q_time, best(lambda: fused_experts_forward(quantised, x, index, weights), 1))
+    print(f"4-bit fused experts (Mixtral-style gate_up_proj + down_proj, {EXPERTS} x [{2 * WIDTH}, {HIDDEN}] + [{HIDDEN}, {WIDTH}]), {TOKENS} tokens top-{TOP_K}, bf16")
+    print(f"  bytes: NF4 {nf4_bytes / 2**20:.1f} MiB vs bf16 {bf16_bytes / 2**20:.1f} MiB = {nf4_bytes / bf16_bytes:.3f}x")
+    print(f"  forward: bf16 transformers grouped_mm {bf16_time * 1e3:.1f} ms, NF4 per expert {q_time * 1e3:.1f} ms, ratio {q_time / bf16_time:.2f}x")
+
+
+def fused_lora_step(rounds: int, layers: int):
+    frozen = mixtral(layers)
+    for name, p in frozen.named_parameters():
+        p.requires_grad_("norm" in name)
+    base = mixtral(layers)
+    ours = get_peft_model(mixtral(layers), expert_lora_config(LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["experts"], task_type="CAUSAL_LM"), base))
+    theirs = get_peft_model(mixtral(layers), LoraConfig(r=8, lora_alpha=16, target_modules=[], target_parameters=["experts.gate_up_proj", "experts.down_proj"], task_type="CAUSAL_LM"))
+    torch.manual_seed(1)
+    with torch.no_grad():  # the same non-zero factors in both: the state-dict keys are the same
+        for name, p in theirs.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.02)
+        missing = ours.load_state_dict({k: v for k, v in theirs.state_dict().items() if "lora_" in k}, strict=False)
+        assert not missing.unexpected_keys
+    ids = torch.randint(0, 512, (2, TOKENS // 2))
+
+    def step(model):
+        return lambda: model(input_ids=ids, labels=ids).loss.backward()
+
+    with torch.no_grad():
+        diff = (ours(input_ids=ids).logits - theirs(input_ids=ids).logits).abs().max().item()
+    variants = (("frozen", frozen), ("expert_lora", ours), ("target_parameters", theirs))
+    times = {name: float("inf") for name, _ in variants}
+    for _ in range(rounds):
+        for name, model in variants:
+            model.zero_grad(set_to_none=True)
+            times[name] = min(times[name], best(step(model), 1))
+    print(f"expert LoRA r8 on gate_up_proj and down_proj, {layers}-layer Mixtral-style (hidden {HIDDEN}, expert width {WIDTH}), {TOKENS} tokens, fp32, grouped_mm experts, forward + backward")
+    print(f"  frozen base {times['frozen']:.2f} s, expert LoRA {times['expert_lora']:.2f} s, PEFT target_parameters {times['target_parameters']:.2f} s")
+    print(f"  expert LoRA / frozen: {times['expert_lora'] / times['frozen']:.2f}x   PEFT target_parameters / expert LoRA: {times['target_parameters'] / times['expert_lora']:.2f}x")
+    print(f"  max |logits difference| expert LoRA vs target_parameters: {diff:.2e}")
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--only", choices=["jetmoe", "fused"], default=None)
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    four_bit(args.rounds)
-    lora_step(args.rounds, args.layers)
+    if args.only != "fused":
+        four_bit(args.rounds)
+        lora_step(args.rounds, args.layers)
+    if args.only != "jetmoe":
+        fused_four_bit(args.rounds)
+        fused_lora_step(args.rounds, args.layers)
 
 
 if __name__ == "__main__":

@@ -76,9 +76,7 @@ def load_causal_lm(path: str, dtype: str | None = None, _depth: int = 0, **kwarg
             model = load_causal_lm(base, dtype, _depth + 1, **kwargs)
             if is_quantized(model):  # an adapter trained on NF4 experts merges into them dequantised
                 dequantize_experts(model)
-            config = LoraConfig.from_pretrained(path)
-            if model.config.model_type == "jetmoe":
-                expert_lora_config(config)
+            config = expert_lora_config(LoraConfig.from_pretrained(path), model)  # expert weights through the grouped path
             model = PeftModel.from_pretrained(model, path, config=config).merge_and_unload()
             model.requires_grad_(True)  # PEFT froze the base; a full fine-tune of the merged model trains all of it
             model.name_or_path = model.config.name_or_path = str(path)  # an adapter trained on it records the chain

@@ -11,14 +11,18 @@ needs the same registration (`alignment.models.jetmoe.load_causal_lm` does it).
 """
 
 import math
+import sys
 
 import torch
 from peft.tuners.lora import LoraLayer
+from peft.tuners.lora.layer import ParamWrapper
 from torch import nn
 from transformers.models.jetmoe.modeling_jetmoe import JetMoeParallelExperts
 
 from alignment.errors import SmoeError
 from alignment.models.experts import grouped_linear
+from alignment.models.quant import fused_quantized
+from alignment.models.moe import expert_modules, fused_experts, fused_experts_forward, fused_layout
 
 
 class ExpertFactor(nn.Module):
@@ -111,13 +115,189 @@ UNSUPPORTED = {"use_dora": "DoRA", "lora_bias": "a bias on the LoRA B factor", "
 INITS = (True, False, "gaussian")
 
 
-def expert_lora_config(config):
-    """Register the expert LoRA layer on a PEFT LoraConfig (a copy is not needed: registration is idempotent).
-    Options it cannot honour stop here, before any training."""
+class FusedExpertLora(ParamWrapper):
+    """PEFT's `target_parameters` LoRA on one fused expert weight, computed per expert on its own tokens.
+
+    It is PEFT's ParamWrapper in everything it stores: factors, their layout (A [E*r, in], B [out, r*E]),
+    nesting (one wrapper per weight, the first weight innermost), state-dict keys, merge and unmerge.
+    So the adapter config says `target_parameters` and stock PEFT loads what this saves. Only the
+    forward differs: the outermost wrapper gathers the factors of the whole nest and runs
+    `fused_experts_forward` (x A_e^T B_e^T through two grouped matmuls) instead of building W + BA
+    for every expert."""
+
+    def __init__(self, base_layer, adapter_name: str, parameter_name: str, config, **kwargs):
+        super().__init__(base_layer, adapter_name, parameter_name, config, **kwargs)
+        self._nest_in_registration_order()
+
+    def _nest_in_registration_order(self):
+        """PEFT nests the wrappers of a plain experts module in the order its weights were registered
+        (gate/up innermost) but those of a parametrized one (4-bit) in sorted-name order; the nest
+        decides the saved keys, so a QLoRA adapter would not load onto the full-precision model. Where
+        PEFT built it the other way, this wrapper and the one inside trade everything but their base."""
+        inner = self.base_layer
+        if not isinstance(inner, FusedExpertLora):
+            return
+        order = fused_layout(self.get_base_layer()).weight_names
+        if order.index(self.parameter_name) > order.index(inner.parameter_name):
+            return
+        mine, theirs = self.__dict__, inner.__dict__
+        for key in (set(mine) | set(theirs)) - {"_modules"}:
+            mine[key], theirs[key] = theirs.get(key), mine.get(key)
+        for key in (set(mine["_modules"]) | set(theirs["_modules"])) - {"base_layer"}:
+            mine["_modules"][key], theirs["_modules"][key] = theirs["_modules"].get(key), mine["_modules"].get(key)
+
+    def factors(self, adapter: str):
+        """(A [E, r, in], B [E, out, r] contiguous, scaling): the same numbers as PEFT's get_delta_factors."""
+        experts = self.num_experts
+        a = self.lora_A[adapter].weight
+        b = self.lora_B[adapter].weight
+        return a.view(experts, -1, a.shape[-1]), b.view(b.shape[0], -1, experts).permute(2, 0, 1).contiguous(), self.scaling[adapter]
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        if fused_quantized(self.get_base_layer()):  # writing into a dequantised copy would be lost silently
+            raise ValueError("cannot merge into 4-bit experts: load the adapter onto the full-precision model and merge there")
+        super().merge(safe_merge, adapter_names)
+
+    def _nest(self) -> list["FusedExpertLora"]:
+        layers, layer = [], self
+        while isinstance(layer, ParamWrapper):
+            layers.append(layer)
+            layer = layer.base_layer
+        return layers
+
+    def forward(self, hidden_states, top_k_index, top_k_weights, *args, **kwargs):
+        experts, nest = self.get_base_layer(), self._nest()
+        quantized = fused_quantized(experts)
+        if self.disable_adapters:
+            for layer in nest:
+                if layer.merged:
+                    layer.unmerge()
+            if quantized:  # the stock forward would dequantise whole banks
+                return fused_experts_forward(experts, hidden_states, top_k_index, top_k_weights)
+            return experts(hidden_states, top_k_index, top_k_weights, *args, **kwargs)
+        lora = {}
+        for layer in nest:
+            if not layer.merged:
+                active = [name for name in layer.active_adapters if name in layer.lora_A]
+                lora[layer.parameter_name] = [layer.factors(name) for name in active]
+        if not any(lora.values()) and not quantized:
+            return experts(hidden_states, top_k_index, top_k_weights, *args, **kwargs)
+        return fused_experts_forward(experts, hidden_states, top_k_index, top_k_weights, lora)
+
+    def __repr__(self) -> str:
+        return "fused_expert_lora." + super().__repr__()
+
+
+# PEFT nests wrappers on one module only when the outer one's class is named ParamWrapper
+FusedExpertLora.__name__ = "ParamWrapper"
+
+
+def _expert_targets(config, model) -> None:
+    """`target_modules` entries that name a fused experts module (for example `experts`) become PEFT
+    `target_parameters` on its gate/up and down weights, by full name (PEFT matches a parametrized
+    weight, as the 4-bit ones are, by full name only); `all-linear` is resolved for MoEs."""
+    banks = fused_experts(model)
+    if isinstance(config.target_modules, str) and config.target_modules in ("all-linear", "all_linear") and expert_modules(model):
+        modules, parameters = resolve_all_linear(model)
+        config.target_modules, config.target_parameters = set(modules), sorted(set(config.target_parameters or []) | set(parameters))
+        return
+    if not banks or config.target_modules is None or isinstance(config.target_modules, str):
+        return
+    targets = set(config.target_modules)
+    leaf_names = {name.rpartition(".")[2] for name in banks}
+    named = targets & leaf_names
+    if named:
+        parameters = {f"{name}.{weight}" for name, module in banks.items() if name.rpartition(".")[2] in named for weight in fused_layout(module).weight_names}
+        config.target_modules = targets - named
+        config.target_parameters = sorted(set(config.target_parameters or []) | parameters)
+
+
+def is_router(name: str) -> bool:
+    """Routers and gates of shared experts (`gate`, `router`, `shared_expert_gate`, JetMoE's `router.layer`)."""
+    return any(part in ("gate", "router") or part.endswith(("_gate", "_router")) for part in name.split("."))
+
+
+def resolve_all_linear(model) -> tuple[list[str], list[str]]:
+    """`all-linear` on an MoE: (target_modules, target_parameters) = every nn.Linear but routers and the
+    output layer (attention projections, shared experts, dense MLPs), every JetMoE bank and the gate/up
+    and down weights of every fused experts module. Leaf names where they select exactly that, else full names."""
+    output = model.get_output_embeddings()
+    linear = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and m is not output and "lora_" not in name}
+    chosen = {name for name in linear if not is_router(name)}
+    banks = expert_modules(model)
+    jetmoe = {name for name, m in banks.items() if isinstance(m, JetMoeParallelExperts)}
+    leaves = {name.rpartition(".")[2] for name in chosen | jetmoe}
+    exact = all(name in chosen | jetmoe for name, _ in model.named_modules() if name.rpartition(".")[2] in leaves)
+    modules = sorted(leaves) if exact else sorted(chosen | jetmoe)
+    parameters = sorted(f"{name}.{w}" for name, m in banks.items() if name not in jetmoe for w in fused_layout(m).weight_names)
+    return modules, parameters
+
+
+def expert_lora_config(config, model=None):
+    """Register the expert LoRA layers on a PEFT LoraConfig (idempotent) and, given the model, resolve
+    which expert weights it targets. Options the expert layers cannot honour stop here, before any training.
+    A model without expert weights gets the config untouched: plain PEFT serves it."""
+    if model is not None and not expert_modules(model):
+        return config
     for key, what in UNSUPPORTED.items():
         if getattr(config, key, None):
             raise SmoeError(f"{key}: {what} is not implemented for LoRA on the expert banks", f"LoRA option {key}", f"unset {key}")
     if config.init_lora_weights not in INITS:
         raise SmoeError(f"init_lora_weights={config.init_lora_weights!r} is not implemented for LoRA on the expert banks", "LoRA option init_lora_weights", f"use one of {INITS}")
     config._register_custom_module({JetMoeParallelExperts: ExpertLoraLayer})
+    if model is None:
+        return config
+    _expert_targets(config, model)
+    check_targets(config, model)
+    dropped = peft_drops(config, model)
+    if dropped:
+        print(f"note: PEFT maps {dropped} onto the fused experts of {model.config.model_type} (its conversion of transformers-4 adapters): modules of those names outside the experts get no LoRA", file=sys.stderr)
+    banks = fused_experts(model)
+    if banks and config.target_parameters:
+        if config.lora_dropout:
+            raise SmoeError(
+                f"lora_dropout {config.lora_dropout} on fused expert weights: PEFT's target_parameters format, which stock PEFT and vLLM load, has no dropout",
+                "recipe key lora_dropout",
+                "set lora_dropout: 0",
+            )
+        config._register_custom_module({type(m): FusedExpertLora for m in banks.values()})
     return config
+
+
+def peft_drops(config, model) -> list[str]:
+    """Targets PEFT itself will drop: for some families (DeepSeek-V3, GLM4-MoE, ...) PEFT 0.21 reads
+    `gate_proj` / `up_proj` / `down_proj` as transformers-4 expert names and maps them onto the fused
+    experts (to load old adapters), so shared experts and dense MLPs of those names get no LoRA."""
+    import copy
+
+    try:
+        from peft.utils.transformers_weight_conversion import _convert_peft_config_moe
+    except ImportError:
+        return []
+    if config.target_modules is None or isinstance(config.target_modules, str):
+        return []
+    converted = copy.deepcopy(config)
+    _convert_peft_config_moe(converted, model)
+    return sorted(set(config.target_modules) - set(converted.target_modules or []))
+
+
+def check_targets(config, model) -> None:
+    """A `lora_target_modules` name that matches no module stops here, with the names that would."""
+    if config.target_modules is None or isinstance(config.target_modules, str):
+        return
+    names = [name for name, _ in model.named_modules()]
+    matches = {t: [n for n in names if n == t or n.endswith("." + t)] for t in config.target_modules}
+    unmatched = sorted(t for t, found in matches.items() if not found)
+    if not unmatched and any(".parametrizations." in n for found in matches.values() for n in found):
+        # a name shared with a 4-bit fused weight (Qwen2-MoE's shared expert down_proj): name the modules in full
+        config.target_modules = {n for found in matches.values() for n in found if ".parametrizations." not in n}
+    if unmatched:
+        banks = expert_modules(model)
+        leaves = sorted({n.rpartition(".")[2] for n, m in model.named_modules() if isinstance(m, nn.Linear) or n in banks})
+        raise SmoeError(f"lora_target_modules {unmatched} match no module of the model", "recipe key lora_target_modules", f"use names from {leaves}, or all-linear")
+
+
+def lora_targets(config) -> dict:
+    """What an adapter config reaches, for the log and the manifest."""
+    modules = config.target_modules
+    return {"target_modules": sorted(modules) if not isinstance(modules, str) and modules else modules, "target_parameters": sorted(config.target_parameters or [])}

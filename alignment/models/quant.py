@@ -193,3 +193,89 @@ def run(args: QuantizeArgs):
     model.save_pretrained(args.output_dir)
     load_tokenizer(args.model_name_or_path).save_pretrained(args.output_dir)
     write_manifest(args.output_dir, "quantize", started, source=args.model_name_or_path)
+
+
+class NF4Experts(nn.Module):
+    """A fused 3-D expert weight held as E packed NF4 matrices [out, in] with double-quantised block scales.
+
+    It is registered as a parametrization of the experts module's weight, so the module keeps its
+    class, its flags and its parameter names (PEFT's `target_parameters` and the expert LoRA find them
+    as before). Reading the weight dequantises the whole bank (PEFT reads shapes and merges through it);
+    `fused_experts_forward` instead calls `matmul`, which dequantises one expert at a time for its own
+    tokens, in forward and again in backward."""
+
+    def __init__(self, states: list, transposed: bool, compute_dtype: torch.dtype):
+        super().__init__()
+        self.states, self.transposed, self.compute_dtype = states, transposed, compute_dtype
+
+    def forward(self, packed: torch.Tensor) -> torch.Tensor:
+        dequantize_4bit = bitsandbytes().functional.dequantize_4bit
+        bank = torch.stack([dequantize_4bit(p, state) for p, state in zip(packed, self.states)]).to(self.compute_dtype)
+        return bank.transpose(1, 2) if self.transposed else bank
+
+    def matmul(self, packed: torch.Tensor, inputs: torch.Tensor, expert_size: list[int]) -> torch.Tensor:
+        """inputs [tokens sorted by expert, in] -> [tokens, out], expert by expert."""
+        bnb = bitsandbytes()
+        x = inputs.to(self.compute_dtype)
+        return torch.cat([bnb.matmul_4bit(chunk, p.t(), quant_state=state) for chunk, p, state in zip(x.split(expert_size), packed, self.states)])
+
+    def storage_bytes(self, packed: torch.Tensor) -> int:
+        total = packed.numel()
+        for state in self.states:
+            total += state.absmax.numel() * state.absmax.element_size()
+            if state.nested:
+                total += state.state2.absmax.numel() * state.state2.absmax.element_size() + 4
+        return total
+
+    def _apply(self, fn, recurse=True):
+        device = fn(torch.empty(0)).device  # the quantisation states follow the packed weights, never change dtype
+        for state in self.states:
+            state.to(device)
+        return super()._apply(fn, recurse)
+
+
+def nf4_parametrization(module: nn.Module, name: str) -> NF4Experts | None:
+    parametrizations = getattr(module, "parametrizations", None)
+    if parametrizations is None or name not in parametrizations:
+        return None
+    found = [p for p in parametrizations[name] if isinstance(p, NF4Experts)]
+    return found[0] if found else None
+
+
+def quantize_fused_experts(model: nn.Module, compute_dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """Every fused 3-D expert weight of `model` (gate/up and down of each experts module) in NF4, one
+    expert at a time, in place; returns the model. Biases, routers and shared experts keep their dtype."""
+    from torch.nn.utils import parametrize
+
+    from alignment.models.moe import fused_experts, fused_layout
+
+    quantize_4bit = bitsandbytes().functional.quantize_4bit
+    for module in fused_experts(model).values():
+        layout = fused_layout(module)
+        for name in layout.weight_names:
+            if nf4_parametrization(module, name) is not None:
+                continue
+            weight = getattr(module, name).detach()
+            packed, states = [], []
+            for expert in weight.unbind(0):  # stored [out, in] whatever the module's layout
+                matrix = (expert.t() if layout.transposed else expert).contiguous()
+                p, state = quantize_4bit(matrix, blocksize=BLOCKSIZE, quant_type="nf4", compress_statistics=True)
+                packed.append(p)
+                states.append(state)
+            delattr(module, name)
+            module.register_parameter(name, nn.Parameter(torch.stack(packed), requires_grad=False))
+            del weight
+            parametrize.register_parametrization(module, name, NF4Experts(states, layout.transposed, compute_dtype), unsafe=True)
+        # the class parametrize made for this one module: its own forward, which never dequantises a whole bank
+        type(module).forward = _nf4_experts_forward
+    return model
+
+
+def _nf4_experts_forward(self, hidden_states, top_k_index, top_k_weights, *args, **kwargs):
+    from alignment.models.moe import fused_experts_forward
+
+    return fused_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+
+
+def fused_quantized(model: nn.Module) -> bool:
+    return any(isinstance(m, NF4Experts) for m in model.modules())
