@@ -3,6 +3,8 @@
 usage: smoe-align sft --config recipes/tiny/sft.yaml [--key value ...]
 
 Loss on assistant turns only. Full fine-tuning, or LoRA with `use_peft: true` (TRL ModelConfig keys).
+`packing: true` (TRL, best-fit decreasing) or `padding_free: true` puts a batch's conversations in one row
+without padding; attention then stays inside each conversation (alignment.models.packing).
 """
 
 import time
@@ -12,6 +14,7 @@ from datasets import Dataset
 from trl import ModelConfig, SFTConfig, SFTTrainer
 
 from alignment.data import to_conversation
+from alignment.models.packing import use_packed_attention
 from alignment.models.router import MoEArgs, RouterLossMixin, attach_router_losses
 from alignment.train_common import DataArgs, load_student, take_trl_router_coef, train_and_save
 
@@ -38,6 +41,13 @@ def run(data_args: SFTDataArgs, training_args: SFTConfig, model_args: ModelConfi
     dataset = load_sft_dataset(data_args)
     model, tokenizer, peft_config = load_student(model_args, data_args)
     take_trl_router_coef(training_args, moe, model)
+    trainer = build_trainer(model, tokenizer, peft_config, training_args, dataset, moe)
+    return train_and_save(trainer, "sft", started, rows=len(dataset))
+
+
+def build_trainer(model, tokenizer, peft_config, training_args: SFTConfig, dataset: Dataset, moe: MoEArgs) -> MoESFTTrainer:
     trainer = MoESFTTrainer(model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config)
     attach_router_losses(trainer, moe)
-    return train_and_save(trainer, "sft", started, rows=len(dataset))
+    if trainer.padding_free:  # one row of many sequences: SDPA attends within each, not over the whole row
+        use_packed_attention(trainer.model)
+    return trainer
