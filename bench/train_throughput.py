@@ -22,7 +22,7 @@ import argparse
 import contextlib
 import importlib.util
 import json
-import math
+import sys
 import statistics
 import tempfile
 import time
@@ -58,15 +58,17 @@ LOSS_TOLERANCE = {"full": 1e-6, "lora": 1e-5, "qlora": None}  # stock and projec
 # ---------- model, data, FLOPs
 
 
-def build_model_dir(shape: str, layers: int | None, out: Path) -> JetMoeConfig:
+def build_model_dir(shape: str, layers: int | None, out: Path, device: str) -> tuple[JetMoeConfig, int]:
     tokenizer = build_tokenizer()
     keys = {**SHAPES[shape], **({"num_hidden_layers": layers} if layers else {})}
     keys.setdefault("vocab_size", len(tokenizer))
     config = JetMoeConfig(**keys, tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, initializer_range=0.02)
     torch.manual_seed(0)
-    JetMoeForCausalLM(config).save_pretrained(out)
+    with torch.device(device):  # random init of billions of weights is much faster on a GPU
+        model = JetMoeForCausalLM(config)
+    model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    return config
+    return config, sum(p.numel() for p in model.parameters())
 
 
 def sft_rows(n: int, lengths: list[int], vocab: int, seed: int = 0) -> Dataset:
@@ -115,7 +117,7 @@ def lora_args(mode: str, dtype: str, model_dir: str) -> ModelConfig:
     )
 
 
-def stock_model(mode: str, dtype: str, model_dir: str):
+def stock_model(mode: str, dtype: str, model_dir: str, device: str):
     use_fast_experts(False)
     kwargs = {}
     if mode.endswith("qlora"):
@@ -123,6 +125,7 @@ def stock_model(mode: str, dtype: str, model_dir: str):
 
         # the 8-wide routers do not fit bitsandbytes' CPU blocks; they stay in full precision, as in our NF4 path
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=getattr(torch, dtype), llm_int8_skip_modules=["router", "lm_head"])
+        kwargs["device_map"] = {"": 0} if device == "cuda" else None  # bitsandbytes quantises on the device it loads to
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype), attn_implementation="sdpa", **kwargs)
     peft_config = None
     if not mode.endswith("full"):
@@ -132,16 +135,21 @@ def stock_model(mode: str, dtype: str, model_dir: str):
     return model, peft_config
 
 
+def batch_of(stage: str, args) -> int:
+    """Rows per step: `--batch` sequences for sft, half as many pairs for dpo (the same sequences per step)."""
+    return args.batch if stage == "sft" else max(1, args.batch // 2)
+
+
 def training_args(stage: str, side: str, args, steps: int):
     common = dict(
-        output_dir=str(args.work / f"{stage}-{side}"), per_device_train_batch_size=args.batch, max_steps=steps, learning_rate=1e-4 if stage == "sft" else 1e-5,
+        output_dir=str(args.work / f"{stage}-{side}"), per_device_train_batch_size=batch_of(stage, args), max_steps=steps, learning_rate=1e-4 if stage == "sft" else 1e-5,
         lr_scheduler_type="constant", logging_steps=1, report_to="none", save_strategy="no", seed=0, data_seed=0, use_cpu=args.device == "cpu",
         bf16=args.dtype == "bfloat16", gradient_checkpointing=False, dataloader_drop_last=True, disable_tqdm=True, max_length=args.seq + 1 if stage == "sft" else 2 * args.seq,
     )
     if stage == "sft":
         project = dict(padding_free=True, packing=True, packing_strategy="bfd") if side == "project" and args.packed else {}
         return SFTConfig(**common, **project)
-    project = dict(precompute_ref_log_probs=True, precompute_ref_batch_size=args.batch) if side == "project" else {}
+    project = dict(precompute_ref_log_probs=True, precompute_ref_batch_size=batch_of(stage, args)) if side == "project" else {}
     return DPOConfig(**common, beta=0.1, **project)
 
 
@@ -166,7 +174,7 @@ def build_trainer(mode: str, side: str, args, data: Dataset):
     steps = args.steps
     targs = training_args(stage, side, args, steps)
     if side == "stock":
-        model, peft_config = stock_model(mode, args.dtype, str(args.model_dir))
+        model, peft_config = stock_model(mode, args.dtype, str(args.model_dir), args.device)
         cls = SFTTrainer if stage == "sft" else DPOTrainer
         trainer = cls(model=model, args=targs, train_dataset=data, processing_class=build_tokenizer(), peft_config=peft_config)
     else:
@@ -258,7 +266,8 @@ def run_mode(mode: str, args, config) -> dict:
     if kind == "qlora" and (why := bitsandbytes_usable(args.device)):
         print(f"[{mode}] skipped: {why}")
         return {"mode": mode, "skipped": why}
-    rows = args.batch * args.steps
+    batch = batch_of(stage, args)
+    rows = batch * args.steps
     data = sft_rows(rows, [args.seq], config.vocab_size) if stage == "sft" else dpo_rows(rows, args.seq)
     trainers = {side: build_trainer(mode, side, args, data) for side in ("stock", "project")}
     copied = same_initial_adapters(trainers["stock"], trainers["project"]) if kind != "full" else 0
@@ -276,14 +285,14 @@ def run_mode(mode: str, args, config) -> dict:
             elif peak is not None:
                 memory[side] = max(memory[side], peak)
     step = {side: statistics.median(timer(t).times) for side, t in trainers.items()}
-    units = args.batch * (args.seq if stage == "sft" else 1)
+    units = batch * (args.seq if stage == "sft" else 1)
     per_s = {side: units / s for side, s in step.items()}
     result = {"mode": mode, "unit": "tokens/s" if stage == "sft" else "pairs/s", "stock": per_s["stock"], "project": per_s["project"], "ratio": per_s["project"] / per_s["stock"]}
     if stage == "dpo":  # the reference pass moved before training: count it, spread over one epoch of the data
-        batches = len(data) // args.batch
+        batches = len(data) // batch
         result["project_incl_reference_pass"] = units / (step["project"] + getattr(trainers["project"], "reference_seconds", 0.0) / batches)
         result["ratio_incl_reference_pass"] = result["project_incl_reference_pass"] / per_s["stock"]
-    tokens_per_step = args.batch * args.seq * (1 if stage == "sft" else 2)
+    tokens_per_step = batch * args.seq * (1 if stage == "sft" else 2)
     flops = train_flops_per_token(config, args.seq, adapters=kind != "full") * tokens_per_step
     result["tflops"] = {side: flops / s / 1e12 for side, s in step.items()}
     if args.peak_tflops:
@@ -392,6 +401,16 @@ def markdown_table(results: list[dict], header: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_between_markers(path: Path, name: str, text: str):
+    """Replace what lies between `<!-- name -->` and `<!-- /name -->` in `path` (the README's measured table)."""
+    start, end = f"<!-- {name} -->", f"<!-- /{name} -->"
+    content = path.read_text()
+    if start not in content or end not in content:
+        raise SystemExit(f"error: {path} has no {start} ... {end} markers\n  fix: add both lines where the table belongs")
+    head, rest = content.split(start, 1)
+    path.write_text(head + start + "\n" + text + end + rest.split(end, 1)[1])
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", choices=sorted(DEVICE_DEFAULTS), default="cpu")
@@ -407,7 +426,8 @@ def main():
     parser.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 peak; default from the GPU's name")
     parser.add_argument("--no-packed", dest="packed", action="store_false", help="project sft without padding-free batches")
     parser.add_argument("--json", type=Path, default=None)
-    parser.add_argument("--markdown", type=Path, default=None, help="write the table as markdown (the README includes it)")
+    parser.add_argument("--markdown", type=Path, default=None, help="write the table as markdown")
+    parser.add_argument("--readme", type=Path, default=None, help="put the table into this file between <!-- train_throughput:DEVICE --> markers")
     args = parser.parse_args()
     defaults = DEVICE_DEFAULTS[args.device]
     args.shape = args.shape or ("mid" if args.device == "cpu" else "jetmoe-8b")
@@ -425,11 +445,10 @@ def main():
         parser.error(f"unknown modes {unknown}; choose from {MODES + ['packing']}")
     with tempfile.TemporaryDirectory() as tmp:
         args.work, args.model_dir = Path(tmp), Path(tmp) / "model"
-        config = build_model_dir(args.shape, args.layers, args.model_dir)
-        n_params = sum(p.numel() for p in JetMoeForCausalLM(config).parameters()) if args.device == "cpu" else None
+        config, n_params = build_model_dir(args.shape, args.layers, args.model_dir, args.device)
         print(f"{device_name}; torch {torch.__version__}; JetMoE {args.shape}: {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
-              f"vocab {config.vocab_size}, {active_params(config) / 1e6:.1f}M active parameters" + (f" of {n_params / 1e6:.1f}M" if n_params else "")
-              + f"; {args.dtype}, seq {args.seq}, batch {args.batch}, {args.steps} steps x {args.rounds} rounds", flush=True)
+              f"vocab {config.vocab_size}, {active_params(config) / 1e6:.1f}M active parameters of {n_params / 1e6:.1f}M; {args.dtype}, seq {args.seq}, "
+              f"batch {args.batch} sequences (dpo: {batch_of('dpo', args)} pairs), {args.steps} steps x {args.rounds} rounds", flush=True)
         results = []
         for mode in modes:
             if mode == "packing":
@@ -439,9 +458,13 @@ def main():
     setting = {"device": device_name, "shape": args.shape, "layers": config.num_hidden_layers, "dtype": args.dtype, "seq": args.seq, "batch": args.batch, "steps": args.steps, "rounds": args.rounds, "torch": torch.__version__}
     if args.json:
         args.json.write_text(json.dumps({"setting": setting, "results": results}, indent=2))
+    header = (f"{device_name}, JetMoE {args.shape} ({config.num_hidden_layers} layers), {args.dtype}, seq {args.seq}, batch {args.batch} sequences "
+              f"(dpo: {batch_of('dpo', args)} pairs); median step of {args.rounds} interleaved rounds x {args.steps} steps after a warm-up round")
     if args.markdown:
-        header = f"{device_name}, JetMoE {args.shape} ({config.num_hidden_layers} layers), {args.dtype}, seq {args.seq}, batch {args.batch}; median step of {args.rounds} interleaved rounds x {args.steps} steps after a warm-up round"
         args.markdown.write_text(markdown_table(results, header))
+    if args.readme:
+        command = "python bench/train_throughput.py " + " ".join(a for a in sys.argv[1:])
+        write_between_markers(args.readme, f"train_throughput:{args.device}", markdown_table(results, header) + f"\n`{command}`\n")
 
 
 if __name__ == "__main__":
