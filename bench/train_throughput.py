@@ -380,7 +380,8 @@ def run_packing(args, config, conversations: int = 24, max_length: int = 2048) -
             packed = per_token_log_probs(model, DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=True)(rows))
             # padding-free drops the label of each sequence's first token; so does the shifted padded batch
             diff = (padded - packed).abs().max().item()
-        free({"trainer": trainer, "model": model})
+        del trainer, model
+        gc.collect()
     per_s = {name: real_tokens / s for name, s in seconds.items()}
     result = {"mode": "packing", "unit": "real tokens/s", "lengths": f"{conversations} conversations, {min(lengths)}-{max(lengths)} tokens (log-uniform 20-2000), {real_tokens} tokens",
               "padded": per_s["padded"], "packed": per_s["packed"], "ratio": per_s["packed"] / per_s["padded"], "max_per_token_logprob_diff": diff, "losses_equal": diff <= 1e-5}
