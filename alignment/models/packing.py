@@ -37,8 +37,11 @@ def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
     position_ids = kwargs.get("position_ids")
     if attention_mask is not None or position_ids is None or query.shape[2] != key.shape[2] or position_ids.shape[-1] != query.shape[2]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    bounds = sequence_bounds(position_ids.expand(query.shape[0], -1))
+    if all(len(row) == 1 for row in bounds):  # nothing packed: one batched causal call
+        return sdpa_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling, **kwargs)
     rows = []
-    for b, row in enumerate(sequence_bounds(position_ids.expand(query.shape[0], -1))):
+    for b, row in enumerate(bounds):
         pieces = [
             F.scaled_dot_product_attention(query[b : b + 1, :, s:e], key[b : b + 1, :, s:e], value[b : b + 1, :, s:e], dropout_p=dropout, scale=scaling, is_causal=True)
             for s, e in row
