@@ -237,7 +237,7 @@ def timer(trainer) -> StepTimer:
 
 
 def run_round(trainer, side: str, args) -> float:
-    """One train() of args.steps steps; returns the peak GPU memory in GiB (None on the CPU)."""
+    """One train() of trainer.args.max_steps steps; returns the peak GPU memory in GiB (None on the CPU)."""
     use_fast_experts(side == "project")  # the class-level swap is process-wide: set it for whoever runs now
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -274,25 +274,27 @@ def run_mode(mode: str, args, config) -> dict:
     copied = same_initial_adapters(trainers["stock"], trainers["project"]) if kind != "full" else 0
     memory = {"stock": 0.0, "project": 0.0}
     first_losses = {}
-    for round_ in range(args.rounds + 1):  # round 0 warms up: allocator, kernels, lazy optimizer state
+    for side in ("stock", "project"):  # warm-up (allocator, kernels, optimizer state), and the losses compared
+        run_round(trainers[side], side, args)
+        first_losses[side] = list(trainers[side].losses)
+        timer(trainers[side]).times.clear()
+        trainers[side].args.max_steps = 1
+    paired = []
+    for round_ in range(args.rounds):  # one step each, in alternating order: both sides see the same machine load
         for side in ("stock", "project") if round_ % 2 == 0 else ("project", "stock"):
-            trainer = trainers[side]
-            if round_ == 0:
-                trainer.losses.clear()
-            peak = run_round(trainer, side, args)
-            if round_ == 0:
-                first_losses[side] = list(trainer.losses)
-                timer(trainer).times.clear()
-            elif peak is not None:
+            peak = run_round(trainers[side], side, args)
+            if peak is not None:
                 memory[side] = max(memory[side], peak)
+        paired.append(timer(trainers["stock"]).times[-1] / timer(trainers["project"]).times[-1])
     step = {side: statistics.median(timer(t).times) for side, t in trainers.items()}
     units = batch * (args.seq if stage == "sft" else 1)
     per_s = {side: units / s for side, s in step.items()}
-    result = {"mode": mode, "unit": "tokens/s" if stage == "sft" else "pairs/s", "stock": per_s["stock"], "project": per_s["project"], "ratio": per_s["project"] / per_s["stock"]}
+    # the ratio is the median of adjacent steps' ratios, which a busy machine disturbs far less than either median
+    result = {"mode": mode, "unit": "tokens/s" if stage == "sft" else "pairs/s", "stock": per_s["stock"], "project": per_s["project"], "ratio": statistics.median(paired), "paired_ratios": paired}
     if stage == "dpo":  # the reference pass moved before training: count it, spread over one epoch of the data
         batches = len(data) // batch
         result["project_incl_reference_pass"] = units / (step["project"] + getattr(trainers["project"], "reference_seconds", 0.0) / batches)
-        result["ratio_incl_reference_pass"] = result["project_incl_reference_pass"] / per_s["stock"]
+        result["ratio_incl_reference_pass"] = result["ratio"] * step["project"] / (step["project"] + getattr(trainers["project"], "reference_seconds", 0.0) / batches)
     tokens_per_step = batch * args.seq * (1 if stage == "sft" else 2)
     flops = train_flops_per_token(config, args.seq, adapters=kind != "full") * tokens_per_step
     result["tflops"] = {side: flops / s / 1e12 for side, s in step.items()}
@@ -430,8 +432,8 @@ def main():
     parser.add_argument("--layers", type=int, default=None, help="fewer layers than the shape's (throughput ratios and MFU are per-layer properties)")
     parser.add_argument("--seq", type=int, default=None)
     parser.add_argument("--batch", type=int, default=None)
-    parser.add_argument("--steps", type=int, default=4, help="steps per round")
-    parser.add_argument("--rounds", type=int, default=2, help="timed rounds per side, after one warm-up round")
+    parser.add_argument("--steps", type=int, default=3, help="steps of the warm-up round, whose losses are compared")
+    parser.add_argument("--rounds", type=int, default=6, help="timed rounds of one step per side, after the warm-up")
     parser.add_argument("--modes", default="sft-full,sft-lora,dpo-lora")
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--threads", type=int, default=None)
@@ -463,7 +465,7 @@ def main():
         config, n_params = build_model_dir(args.shape, args.layers, args.model_dir, args.device)
         print(f"{device_name}; torch {torch.__version__}; JetMoE {args.shape}: {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
               f"vocab {config.vocab_size}, {active_params(config) / 1e6:.1f}M active parameters of {n_params / 1e6:.1f}M; {args.dtype}, seq {args.seq}, "
-              f"batch {args.batch} sequences (dpo: {batch_of('dpo', args)} pairs), {args.steps} steps x {args.rounds} rounds", flush=True)
+              f"batch {args.batch} sequences (dpo: {batch_of('dpo', args)} pairs), {args.steps} warm-up steps, {args.rounds} timed steps per side", flush=True)
         results = []
         for mode in modes:
             if mode == "packing":
@@ -480,7 +482,7 @@ def describe(setting: dict) -> str:
     pairs = max(1, setting["batch"] // 2)
     command = f": `{setting['command']}`" if "command" in setting else ""
     return (f"{setting['device']}, JetMoE {setting['shape']} ({setting['layers']} layers), {setting['dtype']}, seq {setting['seq']}, batch {setting['batch']} sequences "
-            f"(dpo: {pairs} pairs); median step of {setting['rounds']} interleaved rounds x {setting['steps']} steps after a warm-up round{command}")
+            f"(dpo: {pairs} pairs); {setting['rounds']} timed steps per side, alternating, after {setting['steps']} warm-up steps whose losses are compared; ratio = median of adjacent steps' ratios{command}")
 
 
 def write_outputs(args, runs: list[dict]):
