@@ -1,10 +1,13 @@
 """Training throughput against stock TRL + transformers + PEFT on JetMoE, side by side in one run.
 
-usage: python bench/train_throughput.py [--device cpu|cuda] [--shape mid|jetmoe-8b] [--layers N] [--seq N]
-           [--batch N] [--steps N] [--rounds N] [--modes sft-full,sft-lora,...] [--json PATH] [--markdown PATH]
+usage: python bench/train_throughput.py [--device cpu|cuda] [--shape micro|mid|jetmoe-8b] [--layers N] [--seq N]
+           [--batch N] [--steps N] [--rounds N] [--modes sft-full,sft-lora,...,packing] [--json PATH]
+           [--markdown PATH] [--readme README.md]      or: --from-json RUN.json ... --readme README.md
 
 For each mode (sft / dpo x full / lora / qlora) two trainers train the same random-initialised model on the
-same data with the same seed and batch, in interleaved rounds (a warm-up round first, not timed):
+same data with the same seed and batch: --steps warm-up steps each (not timed; their losses are compared),
+then --rounds timed steps each, one at a time in alternating order; the ratio is the median of the ratios
+of adjacent steps, so that the load of a shared machine falls on both sides alike:
   stock    TRL's SFTTrainer / DPOTrainer on transformers' own JetMoE experts (the per-expert loop), LoRA
            through PEFT `target_parameters` on the expert banks, 4-bit through transformers' bitsandbytes path;
            no activation checkpointing (JetMoE refuses it in transformers), so the project runs without it too.
@@ -14,16 +17,17 @@ same data with the same seed and batch, in interleaved rounds (a warm-up round f
 Printed per mode: tokens/s (sft) or pairs/s (dpo) of each side and their ratio, peak GPU memory, model
 FLOPs utilisation (FLOPs by formula: 6 x active parameters per token for full fine-tuning, 4 x for a frozen
 base with adapters, plus attention; peak from --peak-tflops) and the largest difference between the two
-sides' losses of the first round (full: 1e-6, LoRA with the same initial factors: 1e-5). With `packing` in
---modes it also prints padded against packed sft on chat-like mixed lengths.
+sides' warm-up losses (fp32 full: 1e-6, LoRA with the same initial factors: 1e-5). With `packing` in
+--modes it also prints the project's sft on chat-like mixed lengths (20-2,000 tokens), padded batches
+against packed rows: real tokens/s, and the per-token log-probs of both layouts (equal to 1e-5).
 """
 
 import argparse
 import gc
 import importlib.util
 import json
-import sys
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -46,7 +50,7 @@ SHAPES = {
     "mid": dict(hidden_size=512, num_hidden_layers=4, num_key_value_heads=8, kv_channels=64, intermediate_size=1024, num_local_experts=8, num_experts_per_tok=2),
     "jetmoe-8b": JETMOE_8B,
 }
-# per device: dtype, sequence, batch (sft sequences; dpo pairs), torch threads
+# per device: dtype, sequence, batch (sequences: sft rows, dpo pairs x 2), torch threads
 DEVICE_DEFAULTS = {"cpu": dict(dtype="float32", seq=256, batch=8, threads=2), "cuda": dict(dtype="bfloat16", seq=2048, batch=4, threads=None)}
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense, no sparsity
 MODES = ["sft-full", "sft-lora", "sft-qlora", "dpo-full", "dpo-lora", "dpo-qlora"]
