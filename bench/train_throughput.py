@@ -327,7 +327,7 @@ def free(trainers: dict):
 
 
 def print_mode(r: dict):
-    line = f"[{r['mode']}] stock {r['stock']:.1f} {r['unit']}, project {r['project']:.1f}: {r['ratio']:.2f}x"
+    line = f"[{r['mode']}] stock {r['stock']:.4g} {r['unit']}, project {r['project']:.4g}: {r['ratio']:.2f}x"
     if "ratio_incl_reference_pass" in r:
         line += f" ({r['ratio_incl_reference_pass']:.2f}x counting the reference pass once per epoch)"
     line += f"; TFLOP/s {r['tflops']['stock']:.3f} / {r['tflops']['project']:.3f}"
@@ -407,7 +407,7 @@ def markdown_table(results: list[dict], header: str) -> str:
             continue
         equal = {True: "equal", False: "NOT equal", None: "not compared"}[r["losses_equal"]]
         if r["mode"] == "packing":
-            lines.append(f"| sft packed vs padded: {r['lengths']} | padded {r['padded']:.1f} {r['unit']} | packed {r['packed']:.1f} | **{r['ratio']:.2f}x** | per-token {equal} ({r['max_per_token_logprob_diff']:.1e}) | | | |")
+            lines.append(f"| sft packed vs padded: {r['lengths']} | padded {r['padded']:.4g} {r['unit']} | packed {r['packed']:.4g} | **{r['ratio']:.2f}x** | per-token {equal} ({r['max_per_token_logprob_diff']:.1e}) | | | |")
             continue
         ratio = f"**{r['ratio']:.2f}x**"
         if "ratio_incl_reference_pass" in r:
@@ -415,7 +415,7 @@ def markdown_table(results: list[dict], header: str) -> str:
         tflops = f"{r['tflops']['stock']:.3f} / {r['tflops']['project']:.3f}"
         mfu = f"{100 * r['mfu']['stock']:.1f}% / {100 * r['mfu']['project']:.1f}%" if "mfu" in r else "n/a"
         memory = f"{r['peak_memory_gib']['stock']:.2f} / {r['peak_memory_gib']['project']:.2f}" if "peak_memory_gib" in r else "n/a"
-        lines.append(f"| {r['mode']} | {r['stock']:.1f} {r['unit']} | {r['project']:.1f} | {ratio} | {equal} ({r['max_loss_diff']:.1e}) | {tflops} | {mfu} | {memory} |")
+        lines.append(f"| {r['mode']} | {r['stock']:.4g} {r['unit']} | {r['project']:.4g} | {ratio} | {equal} ({r['max_loss_diff']:.1e}) | {tflops} | {mfu} | {memory} |")
     return "\n".join(lines) + "\n"
 
 
