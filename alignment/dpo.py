@@ -3,9 +3,10 @@
 usage: smoe-align dpo --config recipes/tiny/dpo.yaml [--key value ...]
 
 Reads ultrafeedback_binarized or TRL preference rows. With LoRA the reference is the base with the
-adapter disabled; with full fine-tuning, a frozen copy of the starting model, dSFT adapters merged (or
-precomputed log-probs: precompute_ref_log_probs). Completions end at the end-of-turn token: what a chat
-template writes after it (a newline) is not part of the answer and is not trained.
+adapter disabled; with full fine-tuning, a frozen copy of the starting model, dSFT adapters merged.
+`precompute_ref_log_probs: true` runs the reference once over the data before training, in batches of
+`precompute_ref_batch_size` (adapters too), and drops it from every step. Completions end at the
+end-of-turn token: what a chat template writes after it (a newline) is not part of the answer and is not trained.
 """
 
 import copy
@@ -18,7 +19,7 @@ from trl import DPOConfig, DPOTrainer, ModelConfig
 from alignment.data import keep_answerable, to_preference
 from alignment.distributed import check_before_loading
 from alignment.models.router import MoEArgs, RouterLossMixin, attach_router_losses
-from alignment.train_common import DataArgs, check_evaluation, load_student, take_trl_router_coef, train_and_save
+from alignment.train_common import DataArgs, check_evaluation, load_student, take_trl_router_coef, train_and_save, trainer_refusals
 
 
 @dataclass
@@ -56,9 +57,15 @@ def run(data_args: DPODataArgs, training_args: DPOConfig, model_args: ModelConfi
     dataset = Dataset.from_list(keep_answerable(rows, tokenizer, training_args, where, "dpo"))
     eval_dataset = Dataset.from_list(keep_answerable(eval_rows, tokenizer, training_args, f"{where} (evaluation rows)", "dpo")) if eval_rows else None
     take_trl_router_coef(training_args, moe, model)
+    trainer = build_trainer(model, tokenizer, peft_config, training_args, dataset, moe, eval_dataset)
+    return train_and_save(trainer, "dpo", started, rows=len(dataset), dropped_truncated=len(rows) - len(dataset))
+
+
+def build_trainer(model, tokenizer, peft_config, training_args: DPOConfig, dataset: Dataset, moe: MoEArgs, eval_dataset: Dataset | None = None) -> MoEDPOTrainer:
     # TRL would reload the reference from the path in the model's config, which for a merged adapter is not this model
     needs_reference = peft_config is None and not training_args.precompute_ref_log_probs
     ref_model = copy.deepcopy(model).eval().requires_grad_(False) if needs_reference else None
-    trainer = MoEDPOTrainer(model=model, ref_model=ref_model, args=training_args, train_dataset=dataset, eval_dataset=eval_dataset, processing_class=tokenizer, peft_config=peft_config)
+    with trainer_refusals():
+        trainer = MoEDPOTrainer(model=model, ref_model=ref_model, args=training_args, train_dataset=dataset, eval_dataset=eval_dataset, processing_class=tokenizer, peft_config=peft_config)
     attach_router_losses(trainer, moe)
-    return train_and_save(trainer, "dpo", started, rows=len(dataset), dropped_truncated=len(rows) - len(dataset))
+    return trainer

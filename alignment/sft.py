@@ -3,6 +3,8 @@
 usage: smoe-align sft --config recipes/tiny/sft.yaml [--key value ...]
 
 Loss on assistant turns only. Full fine-tuning, or LoRA with `use_peft: true` (TRL ModelConfig keys).
+`packing: true` (TRL, best-fit decreasing) or `padding_free: true` puts a batch's conversations in one row
+without padding; attention then stays inside each conversation (alignment.models.packing).
 """
 
 import time
@@ -13,8 +15,9 @@ from trl import ModelConfig, SFTConfig, SFTTrainer
 
 from alignment.data import keep_answerable, to_conversation
 from alignment.distributed import check_before_loading
+from alignment.models.packing import use_packed_attention
 from alignment.models.router import MoEArgs, RouterLossMixin, attach_router_losses
-from alignment.train_common import DataArgs, check_evaluation, load_student, take_trl_router_coef, train_and_save
+from alignment.train_common import DataArgs, check_evaluation, load_student, take_trl_router_coef, train_and_save, trainer_refusals
 
 
 @dataclass
@@ -44,6 +47,14 @@ def run(data_args: SFTDataArgs, training_args: SFTConfig, model_args: ModelConfi
     dataset = Dataset.from_list(keep_answerable(rows, tokenizer, training_args, where, "sft"))
     eval_dataset = Dataset.from_list(keep_answerable(eval_rows, tokenizer, training_args, f"{where} (evaluation rows)", "sft")) if eval_rows else None
     take_trl_router_coef(training_args, moe, model)
-    trainer = MoESFTTrainer(model=model, args=training_args, train_dataset=dataset, eval_dataset=eval_dataset, processing_class=tokenizer, peft_config=peft_config)
-    attach_router_losses(trainer, moe)
+    trainer = build_trainer(model, tokenizer, peft_config, training_args, dataset, moe, eval_dataset)
     return train_and_save(trainer, "sft", started, rows=len(dataset), dropped_truncated=len(rows) - len(dataset))
+
+
+def build_trainer(model, tokenizer, peft_config, training_args: SFTConfig, dataset: Dataset, moe: MoEArgs, eval_dataset: Dataset | None = None) -> MoESFTTrainer:
+    with trainer_refusals():
+        trainer = MoESFTTrainer(model=model, args=training_args, train_dataset=dataset, eval_dataset=eval_dataset, processing_class=tokenizer, peft_config=peft_config)
+    attach_router_losses(trainer, moe)
+    if trainer.padding_free:  # one row of many sequences: SDPA attends within each, not over the whole row
+        use_packed_attention(trainer.model)
+    return trainer

@@ -1,7 +1,9 @@
 """What the sft and dpo stages share: training data, model set-up, resuming, and the manifest after training."""
 
+import os
 import shutil
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,7 +63,21 @@ def hold_out(rows: list[dict], size: int | float | None) -> tuple[list[dict], li
     return rows[count:], rows[:count]
 
 
+@contextmanager
+def trainer_refusals():
+    """What TRL, transformers or PEFT refuse while building a trainer from the recipe (a setting that needs
+    another, a chat template that does not parse, LoRA targets that match nothing) as our error."""
+    from jinja2 import TemplateError
+
+    try:
+        yield
+    except (ValueError, TypeError, KeyError, TemplateError) as err:
+        raise SmoeError(f"the trainer refused this recipe: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else err!r}", "recipe", "change the key the message names (`smoe-align <stage> --help` lists the keys)") from None
+
+
 def check_evaluation(training_args, held_out: list[dict]):
+    if training_args.push_to_hub and os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+        raise SmoeError("push_to_hub is set but the hub is offline here (HF_HUB_OFFLINE)", "recipe key push_to_hub", "set push_to_hub: false, or unset HF_HUB_OFFLINE where the hub is reachable")
     strategy = getattr(training_args.eval_strategy, "value", training_args.eval_strategy)  # an enum once parsed
     if strategy != "no" and not held_out:
         raise SmoeError(

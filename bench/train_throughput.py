@@ -1,0 +1,508 @@
+"""Training throughput against stock TRL + transformers + PEFT on JetMoE, side by side in one run.
+
+usage: python bench/train_throughput.py [--device cpu|cuda] [--shape micro|mid|jetmoe-8b] [--layers N] [--seq N]
+           [--batch N] [--steps N] [--rounds N] [--modes sft-full,sft-lora,...,packing] [--json PATH]
+           [--markdown PATH] [--readme README.md]      or: --from-json RUN.json ... --readme README.md
+
+For each mode (sft / dpo x full / lora / qlora) two trainers train the same random-initialised model on the
+same data with the same seed and batch: --steps warm-up steps each (not timed; their losses are compared),
+then --rounds timed steps each, one at a time in alternating order; the ratio is the median of the ratios
+of adjacent steps, so that the load of a shared machine falls on both sides alike:
+  stock    TRL's SFTTrainer / DPOTrainer on transformers' own JetMoE experts (the per-expert loop), LoRA
+           through PEFT `target_parameters` on the expert banks, 4-bit through transformers' bitsandbytes path;
+           no activation checkpointing (JetMoE refuses it in transformers), so the project runs without it too.
+  project  our stage set-up: `alignment.train_common.load_student` and our trainers with the recipe settings
+           that pay: grouped experts, expert LoRA, NF4 experts, padding-free batches with attention inside
+           each sequence, reference log-probs computed once before training (dpo).
+Printed per mode: tokens/s (sft) or pairs/s (dpo) of each side and their ratio, peak GPU memory, model
+FLOPs utilisation (FLOPs by formula: 6 x active parameters per token for full fine-tuning, 4 x for a frozen
+base with adapters, plus attention; peak from --peak-tflops) and the largest difference between the two
+sides' warm-up losses (fp32 full: 1e-6, LoRA with the same initial factors: 1e-5). With `packing` in
+--modes it also prints the project's sft on chat-like mixed lengths (20-2,000 tokens), padded batches
+against packed rows: real tokens/s, and the per-token log-probs of both layouts (equal to 1e-5).
+"""
+
+import argparse
+import gc
+import importlib.util
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, JetMoeConfig, JetMoeForCausalLM, TrainerCallback
+from trl import DPOConfig, DPOTrainer, ModelConfig, SFTConfig, SFTTrainer
+
+from alignment import dpo, sft
+from alignment.memory import JETMOE_8B
+from alignment.models.experts import use_fast_experts
+from alignment.models.router import MoEArgs
+from alignment.models.tiny import build_tokenizer
+from alignment.train_common import DataArgs, load_student
+
+# model shapes: JetMoE config keys; `mid` is the 69M-parameter model of our CPU measurements, `micro` a smoke test
+SHAPES = {
+    "micro": dict(hidden_size=64, num_hidden_layers=2, num_key_value_heads=2, kv_channels=16, intermediate_size=64, num_local_experts=8, num_experts_per_tok=2),
+    "mid": dict(hidden_size=512, num_hidden_layers=4, num_key_value_heads=8, kv_channels=64, intermediate_size=1024, num_local_experts=8, num_experts_per_tok=2),
+    "jetmoe-8b": JETMOE_8B,
+}
+# per device: dtype, sequence, batch (sequences: sft rows, dpo pairs x 2), torch threads
+DEVICE_DEFAULTS = {"cpu": dict(dtype="float32", seq=256, batch=8, threads=2), "cuda": dict(dtype="bfloat16", seq=2048, batch=4, threads=None)}
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense, no sparsity
+MODES = ["sft-full", "sft-lora", "sft-qlora", "dpo-full", "dpo-lora", "dpo-qlora"]
+LORA = dict(r=16, alpha=32, targets=["kv_proj", "input_linear", "output_linear"])
+BANKS = ["mlp.input_linear.weight", "mlp.output_linear.weight", "experts.input_linear.weight", "experts.output_linear.weight"]
+LOSS_TOLERANCE = {"full": 1e-6, "lora": 1e-5, "qlora": None}  # fp32; stock and project quantise differently
+BF16_LOSS_TOLERANCE = 2e-2  # bf16 sums in another order in grouped matmuls than in one matmul per expert
+
+
+# ---------- model, data, FLOPs
+
+
+def build_model_dir(shape: str, layers: int | None, out: Path, device: str) -> tuple[JetMoeConfig, int]:
+    tokenizer = build_tokenizer()
+    keys = {**SHAPES[shape], **({"num_hidden_layers": layers} if layers else {})}
+    keys.setdefault("vocab_size", len(tokenizer))
+    config = JetMoeConfig(**keys, tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, initializer_range=0.02)
+    torch.manual_seed(0)
+    with torch.device(device):  # random init of billions of weights is much faster on a GPU
+        model = JetMoeForCausalLM(config)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return config, sum(p.numel() for p in model.parameters())
+
+
+def sft_rows(n: int, lengths: list[int], vocab: int, seed: int = 0) -> Dataset:
+    """Token rows (no tokenizer needed: the model's vocabulary may be larger than the tiny tokenizer's)."""
+    generator = torch.Generator().manual_seed(seed)
+    return Dataset.from_dict({"input_ids": [torch.randint(10, vocab, (lengths[i % len(lengths)],), generator=generator).tolist() for i in range(n)]})
+
+
+def dpo_rows(n: int, seq: int, seed: int = 0) -> Dataset:
+    """Text pairs; the byte-level tokenizer gives one token per letter, so a pair is exactly `seq` tokens per side."""
+    generator = torch.Generator().manual_seed(seed)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+
+    def text(length):
+        return "".join(letters[i] for i in torch.randint(0, 26, (length,), generator=generator).tolist())
+
+    prompt_len = seq // 4
+    return Dataset.from_list([{"prompt": text(prompt_len), "chosen": text(seq - prompt_len - 1), "rejected": text(seq - prompt_len - 1)} for _ in range(n)])
+
+
+def active_params(config) -> int:
+    """Parameters one token runs through (embedding lookup excluded; the tied head counted once)."""
+    h, k, inner = config.hidden_size, config.num_experts_per_tok, config.kv_channels * config.num_key_value_heads
+    attention = 2 * h * inner + k * 2 * h * inner  # kv_proj, then query and output experts
+    mlp = k * 3 * h * config.intermediate_size
+    routers = 2 * h * config.num_local_experts
+    return config.num_hidden_layers * (attention + mlp + routers) + h * config.vocab_size
+
+
+def train_flops_per_token(config, seq: int, adapters: bool) -> float:
+    """6 x active parameters (full) or 4 x (frozen base: no weight gradients), plus attention scores and
+    their weighted sum over the whole sequence (the PaLM convention), forward and backward."""
+    heads_x_dim = config.num_experts_per_tok * config.num_key_value_heads * config.kv_channels
+    attention = 3 * 4 * seq * heads_x_dim * config.num_hidden_layers
+    return (4 if adapters else 6) * active_params(config) + attention
+
+
+# ---------- the two sides
+
+
+def lora_args(mode: str, dtype: str, model_dir: str) -> ModelConfig:
+    kind = mode.split("-")[1]
+    return ModelConfig(
+        model_name_or_path=model_dir, dtype=dtype, attn_implementation="sdpa", use_peft=kind != "full",
+        lora_r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=0.0, lora_target_modules=LORA["targets"], load_in_4bit=kind == "qlora",
+    )
+
+
+def stock_model(mode: str, dtype: str, model_dir: str, device: str):
+    use_fast_experts(False)
+    kwargs = {}
+    if mode.endswith("qlora"):
+        from transformers import BitsAndBytesConfig
+
+        # the 8-wide routers do not fit bitsandbytes' CPU blocks; they stay in full precision, as in our NF4 path
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=getattr(torch, dtype), llm_int8_skip_modules=["router", "lm_head"])
+        kwargs["device_map"] = {"": 0} if device == "cuda" else None  # bitsandbytes quantises on the device it loads to
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype), attn_implementation="sdpa", **kwargs)
+    peft_config = None
+    if not mode.endswith("full"):
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=0.0, target_modules=["kv_proj"], target_parameters=BANKS, task_type="CAUSAL_LM")
+    return model, peft_config
+
+
+def batch_of(stage: str, args) -> int:
+    """Rows per step: `--batch` sequences for sft, half as many pairs for dpo (the same sequences per step)."""
+    return args.batch if stage == "sft" else max(1, args.batch // 2)
+
+
+def training_args(stage: str, side: str, args, steps: int):
+    common = dict(
+        output_dir=str(args.work / f"{stage}-{side}"), per_device_train_batch_size=batch_of(stage, args), max_steps=steps, learning_rate=1e-4 if stage == "sft" else 1e-5,
+        lr_scheduler_type="constant", logging_steps=1, report_to="none", save_strategy="no", seed=0, data_seed=0, use_cpu=args.device == "cpu",
+        bf16=args.dtype == "bfloat16", gradient_checkpointing=False, dataloader_drop_last=True, disable_tqdm=True, max_length=args.seq + 1 if stage == "sft" else 2 * args.seq,
+    )
+    if stage == "sft":
+        project = dict(padding_free=True, packing=True, packing_strategy="bfd") if side == "project" and args.packed else {}
+        return SFTConfig(**common, **project)
+    project = dict(precompute_ref_log_probs=True, precompute_ref_batch_size=batch_of(stage, args)) if side == "project" else {}
+    return DPOConfig(**common, beta=0.1, **project)
+
+
+def time_reference_pass(trainer_cls):
+    """Record on the trainer how long DPO's precomputed reference pass took (it runs inside __init__)."""
+    original = trainer_cls._precompute_ref_logps
+
+    def timed(self, *a, **k):
+        started = time.perf_counter()
+        out = original(self, *a, **k)
+        self.reference_seconds = getattr(self, "reference_seconds", 0.0) + time.perf_counter() - started
+        return out
+
+    trainer_cls._precompute_ref_logps = timed
+
+
+time_reference_pass(dpo.MoEDPOTrainer)
+
+
+def build_trainer(mode: str, side: str, args, data: Dataset):
+    stage = mode.split("-")[0]
+    steps = args.steps
+    targs = training_args(stage, side, args, steps)
+    if side == "stock":
+        model, peft_config = stock_model(mode, args.dtype, str(args.model_dir), args.device)
+        cls = SFTTrainer if stage == "sft" else DPOTrainer
+        trainer = cls(model=model, args=targs, train_dataset=data, processing_class=build_tokenizer(), peft_config=peft_config)
+    else:
+        use_fast_experts(True)
+        model, tokenizer, peft_config = load_student(lora_args(mode, args.dtype, str(args.model_dir)), DataArgs())
+        trainer = (sft if stage == "sft" else dpo).build_trainer(model, tokenizer, peft_config, targs, data, MoEArgs())
+    trainer.add_callback(StepTimer())
+    trainer.losses = []
+    original = trainer.training_step
+
+    def recorded(*a, **k):
+        loss = original(*a, **k)
+        trainer.losses.append(loss.item())
+        return loss
+
+    trainer.training_step = recorded
+    return trainer
+
+
+def same_initial_adapters(stock, project):
+    """Copy the stock adapters' random A (and B) factors into ours, so both start from the same model."""
+    ours = dict(project.model.named_parameters())
+    copied = 0
+    with torch.no_grad():
+        for name, module in stock.model.named_modules():
+            if "default" not in getattr(module, "lora_A", {}):
+                continue
+            a, b = module.lora_A["default"].weight, module.lora_B["default"].weight
+            if hasattr(module, "num_experts"):  # PEFT target_parameters: A [E*r, in], B [out, r*E]
+                e = module.num_experts
+                a, b = a.reshape(e, -1, a.shape[-1]), b.reshape(b.shape[0], -1, e).permute(2, 0, 1)
+            for factor, value in (("lora_A", a), ("lora_B", b)):
+                key = f"{name}.{factor}.default.weight"
+                if key in ours:
+                    ours[key].copy_(value.to(ours[key].dtype))
+                    copied += 1
+    return copied
+
+
+class StepTimer(TrainerCallback):
+    """Seconds per optimizer step: forward, backward and the optimizer, without data set-up or logging."""
+
+    def __init__(self):
+        self.times, self.started = [], None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.started = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.times.append(time.perf_counter() - self.started)
+
+
+def timer(trainer) -> StepTimer:
+    return next(c for c in trainer.callback_handler.callbacks if isinstance(c, StepTimer))
+
+
+def run_round(trainer, side: str, args) -> float:
+    """One train() of trainer.args.max_steps steps; returns the peak GPU memory in GiB (None on the CPU)."""
+    use_fast_experts(side == "project")  # the class-level swap is process-wide: set it for whoever runs now
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    trainer.train()
+    return torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else None
+
+
+# ---------- one mode
+
+
+def bitsandbytes_usable(device: str) -> str | None:
+    """None if 4-bit works on this device, else why not."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return "bitsandbytes is not installed"
+    try:
+        import bitsandbytes.functional as bnbf
+
+        packed, state = bnbf.quantize_4bit(torch.randn(64, 64, device=device), blocksize=64, quant_type="nf4")
+        bnbf.dequantize_4bit(packed, state)
+    except Exception as err:  # a missing CUDA build or library reads differently on every machine
+        return f"bitsandbytes cannot run on {device} ({type(err).__name__}: {str(err).splitlines()[0][:120]})"
+    return None
+
+
+def run_mode(mode: str, args, config) -> dict:
+    stage, kind = mode.split("-")
+    if kind == "qlora" and (why := bitsandbytes_usable(args.device)):
+        print(f"[{mode}] skipped: {why}")
+        return {"mode": mode, "skipped": why}
+    batch = batch_of(stage, args)
+    rows = batch * args.steps
+    data = sft_rows(rows, [args.seq], config.vocab_size) if stage == "sft" else dpo_rows(rows, args.seq)
+    trainers = {side: build_trainer(mode, side, args, data) for side in ("stock", "project")}
+    copied = same_initial_adapters(trainers["stock"], trainers["project"]) if kind != "full" else 0
+    memory = {"stock": 0.0, "project": 0.0}
+    first_losses = {}
+    for side in ("stock", "project"):  # warm-up (allocator, kernels, optimizer state), and the losses compared
+        run_round(trainers[side], side, args)
+        first_losses[side] = list(trainers[side].losses)
+        timer(trainers[side]).times.clear()
+        trainers[side].args.max_steps = 1
+    paired = []
+    for round_ in range(args.rounds):  # one step each, in alternating order: both sides see the same machine load
+        for side in ("stock", "project") if round_ % 2 == 0 else ("project", "stock"):
+            peak = run_round(trainers[side], side, args)
+            if peak is not None:
+                memory[side] = max(memory[side], peak)
+        paired.append(timer(trainers["stock"]).times[-1] / timer(trainers["project"]).times[-1])
+    step = {side: statistics.median(timer(t).times) for side, t in trainers.items()}
+    units = batch * (args.seq if stage == "sft" else 1)
+    per_s = {side: units / s for side, s in step.items()}
+    # the ratio is the median of adjacent steps' ratios, which a busy machine disturbs far less than either median
+    result = {"mode": mode, "unit": "tokens/s" if stage == "sft" else "pairs/s", "stock": per_s["stock"], "project": per_s["project"], "ratio": statistics.median(paired), "paired_ratios": paired}
+    if stage == "dpo":  # the reference pass moved before training: count it, spread over one epoch of the data
+        batches = len(data) // batch
+        result["project_incl_reference_pass"] = units / (step["project"] + getattr(trainers["project"], "reference_seconds", 0.0) / batches)
+        result["ratio_incl_reference_pass"] = result["ratio"] * step["project"] / (step["project"] + getattr(trainers["project"], "reference_seconds", 0.0) / batches)
+    tokens_per_step = batch * args.seq * (1 if stage == "sft" else 2)
+    flops = train_flops_per_token(config, args.seq, adapters=kind != "full") * tokens_per_step
+    result["tflops"] = {side: flops / s / 1e12 for side, s in step.items()}
+    if args.peak_tflops:
+        result["mfu"] = {side: tf / args.peak_tflops for side, tf in result["tflops"].items()}
+    if args.device == "cuda":
+        result["peak_memory_gib"] = memory
+    diffs = [abs(a - b) for a, b in zip(first_losses["stock"], first_losses["project"])]
+    result["losses"] = first_losses
+    result["max_loss_diff"] = max(diffs) if diffs else None
+    tolerance = LOSS_TOLERANCE[kind] if args.dtype == "float32" or kind == "qlora" else BF16_LOSS_TOLERANCE
+    result["losses_equal"] = None if tolerance is None else result["max_loss_diff"] <= tolerance
+    if kind != "full":
+        result["adapters_copied"] = copied
+    print_mode(result)
+    free(trainers)
+    return result
+
+
+def free(trainers: dict):
+    """Let the next mode have the memory: trainers hold their models, optimizers and data loaders in cycles."""
+    trainers.clear()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def print_mode(r: dict):
+    line = f"[{r['mode']}] stock {r['stock']:.4g} {r['unit']}, project {r['project']:.4g}: {r['ratio']:.2f}x"
+    if "ratio_incl_reference_pass" in r:
+        line += f" ({r['ratio_incl_reference_pass']:.2f}x counting the reference pass once per epoch)"
+    line += f"; TFLOP/s {r['tflops']['stock']:.3f} / {r['tflops']['project']:.3f}"
+    if "mfu" in r:
+        line += f", MFU {100 * r['mfu']['stock']:.1f}% / {100 * r['mfu']['project']:.1f}%"
+    if "peak_memory_gib" in r:
+        line += f", peak {r['peak_memory_gib']['stock']:.2f} / {r['peak_memory_gib']['project']:.2f} GiB"
+    equal = {True: "equal", False: "NOT EQUAL", None: "not compared"}[r["losses_equal"]]
+    line += f"; losses {equal} (max diff {r['max_loss_diff']:.1e})"
+    print(line, flush=True)
+
+
+# ---------- packing
+
+
+def chat_lengths(n: int, low: int = 20, high: int = 2000, seed: int = 0) -> list[int]:
+    """Log-uniform lengths: many short conversations, a few long ones, as in chat data."""
+    generator = torch.Generator().manual_seed(seed)
+    return [int(low * (high / low) ** u) for u in torch.rand(n, generator=generator).tolist()]
+
+
+def per_token_log_probs(model, batch: dict) -> torch.Tensor:
+    """Log-probabilities of the batch's labels at the positions whose label is not -100, in order."""
+    inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
+    with torch.no_grad():
+        logits = model(**inputs, use_cache=False).logits[:, :-1].float()
+    labels = batch["labels"][:, 1:]
+    keep = labels != -100
+    return logits.log_softmax(-1).gather(-1, labels.clamp(min=0)[..., None])[..., 0][keep]
+
+
+def run_packing(args, config, conversations: int = 24, max_length: int = 2048) -> dict:
+    """Project sft on chat-like mixed lengths: padded batches against packed rows (best-fit decreasing, padding-free).
+    Real (non-padding) tokens per second of step time over one epoch of the same conversations."""
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    lengths = chat_lengths(conversations)
+    data = sft_rows(conversations, lengths, config.vocab_size)
+    real_tokens = sum(lengths)
+    common = dict(per_device_train_batch_size=args.batch, learning_rate=1e-4, lr_scheduler_type="constant", logging_steps=1, report_to="none", save_strategy="no",
+                  seed=0, use_cpu=args.device == "cpu", bf16=args.dtype == "bfloat16", num_train_epochs=1, disable_tqdm=True, max_length=max_length)
+    variants = {"padded": SFTConfig(output_dir=str(args.work / "padded"), **common),
+                "packed": SFTConfig(output_dir=str(args.work / "packed"), **{**common, "per_device_train_batch_size": 1}, packing=True, packing_strategy="bfd")}
+    use_fast_experts(True)
+    seconds = {}
+    for name, targs in variants.items():
+        model, tokenizer, _ = load_student(lora_args("sft-full", args.dtype, str(args.model_dir)), DataArgs())
+        trainer = sft.build_trainer(model, tokenizer, None, targs, data, MoEArgs())
+        trainer.add_callback(StepTimer())
+        trainer.train()
+        seconds[name] = sum(timer(trainer).times)
+        if name == "packed":  # the same conversations, padded and packed: per-token losses must agree
+            model.eval()
+            rows = [{"input_ids": r} for r in data[: args.batch]["input_ids"]]
+            padded = per_token_log_probs(model, DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id)(rows))
+            packed = per_token_log_probs(model, DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=True)(rows))
+            # padding-free drops the label of each sequence's first token; so does the shifted padded batch
+            diff = (padded - packed).abs().max().item()
+        del trainer, model
+        gc.collect()
+    per_s = {name: real_tokens / s for name, s in seconds.items()}
+    result = {"mode": "packing", "unit": "real tokens/s", "lengths": f"{conversations} conversations, {min(lengths)}-{max(lengths)} tokens (log-uniform 20-2000), {real_tokens} tokens",
+              "padded": per_s["padded"], "packed": per_s["packed"], "ratio": per_s["packed"] / per_s["padded"], "max_per_token_logprob_diff": diff, "losses_equal": diff <= 1e-5}
+    print(f"[packing] {result['lengths']}: padded batch {per_s['padded']:.1f} real tokens/s, packed {per_s['packed']:.1f}: {result['ratio']:.2f}x; "
+          f"per-token log-probs packed vs padded: max diff {diff:.1e} ({'equal' if result['losses_equal'] else 'NOT EQUAL'})", flush=True)
+    return result
+
+
+# ---------- report
+
+
+def markdown_table(results: list[dict], header: str) -> str:
+    lines = [header, "", "| mode | stock | project | ratio | losses (max difference) | TFLOP/s stock / project | MFU stock / project | peak GiB stock / project |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in results:
+        if "skipped" in r:
+            lines.append(f"| {r['mode']} | | | skipped: {r['skipped']} | | | | |")
+            continue
+        equal = {True: "equal", False: "NOT equal", None: "not compared"}[r["losses_equal"]]
+        if r["mode"] == "packing":
+            lines.append(f"| sft packed vs padded: {r['lengths']} | padded {r['padded']:.4g} {r['unit']} | packed {r['packed']:.4g} | **{r['ratio']:.2f}x** | per-token {equal} ({r['max_per_token_logprob_diff']:.1e}) | | | |")
+            continue
+        ratio = f"**{r['ratio']:.2f}x**"
+        if "ratio_incl_reference_pass" in r:
+            ratio += f" ({r['ratio_incl_reference_pass']:.2f}x counting the reference pass)"
+        tflops = f"{r['tflops']['stock']:.3f} / {r['tflops']['project']:.3f}"
+        mfu = f"{100 * r['mfu']['stock']:.1f}% / {100 * r['mfu']['project']:.1f}%" if "mfu" in r else "n/a"
+        memory = f"{r['peak_memory_gib']['stock']:.2f} / {r['peak_memory_gib']['project']:.2f}" if "peak_memory_gib" in r else "n/a"
+        lines.append(f"| {r['mode']} | {r['stock']:.4g} {r['unit']} | {r['project']:.4g} | {ratio} | {equal} ({r['max_loss_diff']:.1e}) | {tflops} | {mfu} | {memory} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_between_markers(path: Path, name: str, text: str):
+    """Replace what lies between `<!-- name -->` and `<!-- /name -->` in `path` (the README's measured table)."""
+    start, end = f"<!-- {name} -->", f"<!-- /{name} -->"
+    content = path.read_text()
+    if start not in content or end not in content:
+        raise SystemExit(f"error: {path} has no {start} ... {end} markers\n  fix: add both lines where the table belongs")
+    head, rest = content.split(start, 1)
+    path.write_text(head + start + "\n" + text + end + rest.split(end, 1)[1])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", choices=sorted(DEVICE_DEFAULTS), default="cpu")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default=None, help="default: mid on cpu, jetmoe-8b on cuda")
+    parser.add_argument("--layers", type=int, default=None, help="fewer layers than the shape's (throughput ratios and MFU are per-layer properties)")
+    parser.add_argument("--seq", type=int, default=None)
+    parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=3, help="steps of the warm-up round, whose losses are compared")
+    parser.add_argument("--rounds", type=int, default=6, help="timed rounds of one step per side, after the warm-up")
+    parser.add_argument("--modes", default="sft-full,sft-lora,dpo-lora")
+    parser.add_argument("--dtype", default=None)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 peak; default from the GPU's name")
+    parser.add_argument("--no-packed", dest="packed", action="store_false", help="project sft without padding-free batches")
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--markdown", type=Path, default=None, help="write the table as markdown")
+    parser.add_argument("--readme", type=Path, default=None, help="put the table into this file between <!-- train_throughput:DEVICE --> markers")
+    parser.add_argument("--from-json", type=Path, nargs="+", default=None, help="no run: write the table of earlier runs' --json files")
+    args = parser.parse_args()
+    if args.from_json:
+        return write_tables(args)
+    defaults = DEVICE_DEFAULTS[args.device]
+    args.shape = args.shape or ("mid" if args.device == "cpu" else "jetmoe-8b")
+    for key in ("dtype", "seq", "batch", "threads"):
+        if getattr(args, key) is None:
+            setattr(args, key, defaults[key])
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    if args.peak_tflops is None and args.device == "cuda":
+        args.peak_tflops = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in device_name), None)
+    modes = [m for m in args.modes.split(",") if m]
+    unknown = [m for m in modes if m not in MODES and m != "packing"]
+    if unknown:
+        parser.error(f"unknown modes {unknown}; choose from {MODES + ['packing']}")
+    with tempfile.TemporaryDirectory() as tmp:
+        args.work, args.model_dir = Path(tmp), Path(tmp) / "model"
+        config, n_params = build_model_dir(args.shape, args.layers, args.model_dir, args.device)
+        print(f"{device_name}; torch {torch.__version__}; JetMoE {args.shape}: {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
+              f"vocab {config.vocab_size}, {active_params(config) / 1e6:.1f}M active parameters of {n_params / 1e6:.1f}M; {args.dtype}, seq {args.seq}, "
+              f"batch {args.batch} sequences (dpo: {batch_of('dpo', args)} pairs), {args.steps} warm-up steps, {args.rounds} timed steps per side", flush=True)
+        results = []
+        for mode in modes:
+            if mode == "packing":
+                results.append(run_packing(args, config))
+            else:
+                results.append(run_mode(mode, args, config))
+    setting = {"command": "python bench/train_throughput.py " + " ".join(sys.argv[1:]), "device": device_name, "shape": args.shape, "layers": config.num_hidden_layers, "dtype": args.dtype, "seq": args.seq, "batch": args.batch, "steps": args.steps, "rounds": args.rounds, "torch": torch.__version__}
+    if args.json:
+        args.json.write_text(json.dumps({"setting": setting, "results": results}, indent=2))
+    write_outputs(args, [{"setting": setting, "results": results}])
+
+
+def describe(setting: dict) -> str:
+    pairs = max(1, setting["batch"] // 2)
+    command = f": `{setting['command']}`" if "command" in setting else ""
+    return (f"{setting['device']}, JetMoE {setting['shape']} ({setting['layers']} layers), {setting['dtype']}, seq {setting['seq']}, batch {setting['batch']} sequences "
+            f"(dpo: {pairs} pairs); {setting['rounds']} timed steps per side, alternating, after {setting['steps']} warm-up steps whose losses are compared; ratio = median of adjacent steps' ratios{command}")
+
+
+def write_outputs(args, runs: list[dict]):
+    header = "\n".join(f"- {describe(run['setting'])}" for run in runs)
+    table = markdown_table([r for run in runs for r in run["results"]], header)
+    if args.markdown:
+        args.markdown.write_text(table)
+    if args.readme:
+        device = "cuda" if any("CPU" not in run["setting"]["device"] for run in runs) else "cpu"
+        write_between_markers(args.readme, f"train_throughput:{device}", table)
+
+
+def write_tables(args):
+    runs = [json.loads(path.read_text()) for path in args.from_json]
+    write_outputs(args, runs)
+
+
+if __name__ == "__main__":
+    main()
