@@ -6,10 +6,11 @@ import hashlib
 import json
 import os
 import platform
-import shutil
 import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+
+from alignment.errors import SmoeError
 
 MANIFEST = "manifest.json"
 FINGERPRINT = "fingerprint.json"
@@ -57,16 +58,29 @@ def fingerprint(values: dict, output_dir: str | Path) -> dict:
         elif isinstance(value, list):
             for v in value:
                 walk(v)
-        elif isinstance(value, str) and _is_stage_output(value) and Path(value).resolve() != Path(output_dir).resolve():
-            inputs[value] = hashlib.sha256((Path(value) / MANIFEST).read_bytes()).hexdigest()[:16]
+        elif isinstance(value, str) and _is_path(value) and Path(value).resolve() != Path(output_dir).resolve():
+            inputs[value] = _content_hash(Path(value))
 
     walk(values)
-    return {"recipe": json.loads(json.dumps(values, default=str)), "inputs": inputs}
+    recipe = {k: v for k, v in values.items() if k not in NOT_RESULTS}
+    return {"recipe": json.loads(json.dumps(recipe, default=str)), "inputs": inputs}
 
 
-def _is_stage_output(text: str) -> bool:
+# keys that change how a run is watched, not what it produces: changing them reruns nothing
+NOT_RESULTS = {"report_to", "logging_steps", "logging_strategy", "logging_first_step", "log_level", "disable_tqdm", "push_to_hub", "hub_model_id", "hub_strategy"}
+
+
+def _content_hash(path: Path) -> str:
+    """A stage output by its manifest; any other file or directory by its files' sizes and times."""
+    if (path / MANIFEST).is_file():
+        return hashlib.sha256((path / MANIFEST).read_bytes()).hexdigest()[:16]
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return hashlib.sha256(json.dumps([(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]).encode()).hexdigest()[:16]
+
+
+def _is_path(text: str) -> bool:
     try:  # a recipe string may be a chat template, far too long for a path
-        return bool(text) and "\n" not in text and (Path(text) / MANIFEST).is_file()
+        return bool(text) and "\n" not in text and Path(text).exists()
     except OSError:
         return False
 
@@ -78,6 +92,8 @@ def stale_reason(output_dir: str | Path, current: dict) -> str | None:
         return None
     path = out / FINGERPRINT
     if not path.is_file():
+        if not any((out / name).is_file() for name in (MANIFEST, "recipe.yaml")):
+            raise SmoeError("output_dir holds files that no stage wrote", str(out), "choose an empty or new output_dir")
         return "it has no fingerprint (an earlier version wrote it)"
     before = json.loads(path.read_text())
     changed = sorted(k for k in {*before["recipe"], *current["recipe"]} if before["recipe"].get(k) != current["recipe"].get(k))
@@ -90,10 +106,12 @@ def stale_reason(output_dir: str | Path, current: dict) -> str | None:
 
 
 def set_aside(output_dir: str | Path) -> Path:
-    """Move a stale output to `<output_dir>.previous` (replacing an older one there): nothing is deleted unseen."""
+    """Move a stale output to `<output_dir>.previous` (or `.previous-2`, ...): nothing is deleted."""
     out = Path(output_dir)
-    previous = out.with_name(out.name + ".previous")
-    shutil.rmtree(previous, ignore_errors=True)
+    previous, n = out.with_name(out.name + ".previous"), 1
+    while previous.exists():
+        n += 1
+        previous = out.with_name(f"{out.name}.previous-{n}")
     out.rename(previous)
     return previous
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from alignment.errors import SmoeError
 from alignment.manifest import read_manifest
+from alignment.report import BEGIN, END
 from alignment.stages import STAGES, run_stage
 
 ENTRY_KEYS = {"name", "stage", "config", "overrides", "match_steps_of"}
@@ -44,6 +45,8 @@ class PipelineArgs:
             raise ValueError("stages is empty")
         if self.readme and not self.history:
             raise ValueError("readme needs history (the runs whose spread it shows)")
+        if self.readme and (not Path(self.readme).is_file() or BEGIN not in Path(self.readme).read_text()):
+            raise ValueError(f"readme {self.readme} is not a file with a block marked {BEGIN} ... {END}; run from the repository root, or drop readme")
 
 
 def run(args: PipelineArgs):
@@ -62,7 +65,8 @@ def run(args: PipelineArgs):
         except SmoeError as err:
             raise SmoeError(f"stage {entry['name']!r} failed: {err}", "pipeline", "fix it and rerun: complete stages are skipped") from None
     summary = write_report(outputs, args.output_dir, started)
-    if args.history and summary["models"]:
+    ran = any((Path(d) / "manifest.json").stat().st_mtime >= started for _, d in outputs.values())
+    if args.history and summary["models"] and ran:  # a rerun that skipped every stage adds no run
         record_run(summary, args.history, args.readme)
     print(f"\nreport: {Path(args.output_dir) / 'report.md'}")
     print(summary["table"])

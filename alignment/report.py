@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from alignment.evaluate.skills_eval import accuracy_table
+from alignment.errors import SmoeError
 from alignment.manifest import read_manifest
 
 CONTROLS = {"control_teacher_sft": "control (1): more SFT on the teacher's answers", "control_chosen_sft": "control (2): SFT on judge-chosen samples"}
@@ -144,6 +145,6 @@ def record_run(summary: dict, history: str | Path, readme: str | Path | None):
                         f"Mean held-out accuracy of every recorded run ({history}): numbers move between CPUs and library versions", "in the last digits and, for the stages that learn abruptly, by a few points; the conclusions hold.", "", *spread, "", machines, END])
     text = Path(readme).read_text()
     if BEGIN not in text or END not in text:
-        raise ValueError(f"{readme} has no block marked {BEGIN} ... {END}")
+        raise SmoeError(f"no block marked {BEGIN} ... {END}", str(readme), "put the two marker lines where the demo table belongs")
     head, rest = text.split(BEGIN, 1)
     Path(readme).write_text(head + block + rest.split(END, 1)[1])

@@ -65,9 +65,9 @@ BF16_LOSS_TOLERANCE = 2e-2  # bf16 sums in another order in grouped matmuls than
 
 def build_model_dir(shape: str, layers: int | None, out: Path, device: str) -> tuple[JetMoeConfig, int]:
     tokenizer = build_tokenizer()
-    keys = {**SHAPES[shape], **({"num_hidden_layers": layers} if layers else {})}
+    keys = {"tie_word_embeddings": True, **SHAPES[shape], **({"num_hidden_layers": layers} if layers else {})}
     keys.setdefault("vocab_size", len(tokenizer))
-    config = JetMoeConfig(**keys, tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, initializer_range=0.02)
+    config = JetMoeConfig(**keys, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, initializer_range=0.02)
     torch.manual_seed(0)
     with torch.device(device):  # random init of billions of weights is much faster on a GPU
         model = JetMoeForCausalLM(config)

@@ -74,7 +74,7 @@ def test_jetmoe_8b_recipes_as_a_chain(micro_model, served, judge, tmp_path):
     mixture = read_yaml("recipes/jetmoe-8b/dpo/qlora.yaml")["dataset_mixture"]
     mixture["datasets"][0].update(id=str(runs / "pref_data"), split=None)
     assert main(["dpo", "--config", "recipes/jetmoe-8b/dpo/qlora.yaml", *flag("model_name_or_path", str(sft)), *flag("dataset_mixture", mixture), *flag("output_dir", str(dpo)), *SHORT_TRAINING]) == 0
-    assert json.loads((dpo / "adapter_config.json").read_text())["base_model_name_or_path"] == str(sft)  # the chain
+    assert json.loads((dpo / "adapter_config.json").read_text())["base_model_name_or_path"] == str(sft.resolve())  # the chain
 
     recipe = read_yaml("recipes/jetmoe-8b/eval_mt_bench.yaml")
     models = [{"name": "dsft", "path": str(sft)}, {"name": "ddpo", "path": str(dpo)}]

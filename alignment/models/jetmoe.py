@@ -79,7 +79,7 @@ def load_causal_lm(path: str, dtype: str | None = None, _depth: int = 0, **kwarg
             config = expert_lora_config(LoraConfig.from_pretrained(path), model)  # expert weights through the grouped path
             model = PeftModel.from_pretrained(model, path, config=config).merge_and_unload()
             model.requires_grad_(True)  # PEFT froze the base; a full fine-tune of the merged model trains all of it
-            model.name_or_path = model.config.name_or_path = str(path)  # an adapter trained on it records the chain
+            model.name_or_path = model.config.name_or_path = str(Path(path).resolve())  # an adapter trained on it records the chain, from any directory
         elif is_quantized_checkpoint(path):
             model = load_quantized(path, **kwargs)
         else:
