@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from tqdm.auto import tqdm
 
-from alignment.configs import build, field_names
+from alignment.configs import build as build_classes, field_names
 from alignment.data import DATA_FILE
 from alignment.errors import SmoeError
 from alignment.manifest import write_manifest
@@ -80,7 +80,7 @@ class PolicySampling:
 
 
 def _sampling(policy: dict, seed: int, where: str) -> Sampling:
-    (s,) = build({k: v for k, v in policy.items() if k in field_names(PolicySampling)}, (PolicySampling,), where)
+    (s,) = build_classes({k: v for k, v in policy.items() if k in field_names(PolicySampling)}, (PolicySampling,), where)
     return Sampling(n=s.num_samples, temperature=s.temperature, top_p=s.top_p, max_new_tokens=s.max_new_tokens, seed=seed)
 
 
