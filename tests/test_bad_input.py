@@ -397,3 +397,30 @@ def test_spot_check_in_a_real_process(tmp_path):
     assert result.returncode == 2 and len(errors) == 1 and "Traceback" not in result.stderr
     assert all(name in errors[0] for name in names) and "  fix: give " in result.stderr
     assert not (tmp_path / "o").exists()  # refused before anything was written
+
+
+# what only TRL, transformers or PEFT can refuse, once the model and data are there: still one clear error
+RUNTIME = {
+    "lora target matching nothing": ("sft", ["--use_peft", "true", "--lora_target_modules", "[nope]"]),
+    "chat template that does not parse": ("sft", ["--chat_template", "{% for x in %}"]),
+    "save_strategy best without a metric": ("sft", ["--save_strategy", "best"]),
+    "unknown DPO loss type": ("dpo", ["--loss_type", "[nope]"]),
+    "model directory without a config": ("sft", ["--model_name_or_path", "EMPTY_MODEL"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RUNTIME))
+def test_what_the_libraries_refuse_is_one_clear_error(case, micro_model, tmp_path, capsys):
+    stage, flags = RUNTIME[case]
+    data = tmp_path / "data.jsonl"
+    prompt = [{"role": "user", "content": "reverse ab"}]
+    row = {"messages": prompt + [{"role": "assistant", "content": "Answer: ba"}]} if stage == "sft" else {"prompt": prompt, "chosen": [{"role": "assistant", "content": "Answer: ba"}], "rejected": [{"role": "assistant", "content": "Answer: ab"}]}
+    data.write_text(json.dumps(row) + "\n")
+    (tmp_path / "empty_model").mkdir()
+    (tmp_path / "empty_model" / "notes.txt").write_text("no model here")
+    flags = [str(tmp_path / "empty_model") if f == "EMPTY_MODEL" else f for f in flags]
+    args = [stage, "--config", f"recipes/tiny/{stage}.yaml", "--model_name_or_path", micro_model, "--dataset_path", str(data), "--output_dir", str(tmp_path / "out"), "--max_steps", "1", "--report_to", "none"]
+    assert main([*args, *flags]) == 2
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if line.startswith("error:")] and "fix:" in err and "Traceback" not in err, err
+    assert not (tmp_path / "out" / "manifest.json").exists()

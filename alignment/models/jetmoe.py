@@ -84,8 +84,8 @@ def load_causal_lm(path: str, dtype: str | None = None, _depth: int = 0, **kwarg
             model = load_quantized(path, **kwargs)
         else:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(dtype), **kwargs)
-    except OSError as err:
-        raise SmoeError(f"cannot load the model ({err})", path, "point model_name_or_path at a model directory, adapter or hub id") from None
+    except (OSError, ValueError) as err:  # ValueError: a directory with no model config transformers knows
+        raise SmoeError(f"cannot load the model ({str(err).splitlines()[0]})", path, "point model_name_or_path at a model directory, adapter or hub id") from None
     if model.config.model_type == "jetmoe":
         model.supports_gradient_checkpointing = True
         use_fast_experts()
@@ -98,8 +98,8 @@ def load_tokenizer(path: str):
         path = adapter_base(path)  # an adapter saved without its tokenizer: the one its base has
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-    except OSError as err:
-        raise SmoeError(f"cannot load the tokenizer ({err})", path, "point at a model directory that holds its tokenizer, or a hub id") from None
+    except (OSError, ValueError) as err:
+        raise SmoeError(f"cannot load the tokenizer ({str(err).splitlines()[0]})", path, "point at a model directory that holds its tokenizer, or a hub id") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
