@@ -142,9 +142,28 @@ def record_run(summary: dict, history: str | Path, readme: str | Path | None):
         spread.append(f"| {name} | " + " | ".join("" if m is None else f"{m:.1f}" for m in means) + f" | {max(known) - min(known):.1f} |")
     machines = "\n".join(f"- run {i + 1}: {r['date']}, {r['machine']}, {r['wall_seconds'] / 60:.1f} min" for i, r in enumerate(runs))
     block = "\n".join([BEGIN, f"Latest run ({row['date']}, {summary['machine']['text']}; pipeline {summary['wall_seconds'] / 60:.1f} min):", "", summary["table"], f"- {deltas}", "",
+                        *chat_tables(summary["chat_benchmarks"]),
                         f"Mean held-out accuracy of every recorded run ({history}): numbers move between CPUs and library versions", "in the last digits and, for the stages that learn abruptly, by a few points; the conclusions hold.", "", *spread, "", machines, END])
     text = Path(readme).read_text()
     if BEGIN not in text or END not in text:
         raise SmoeError(f"no block marked {BEGIN} ... {END}", str(readme), "put the two marker lines where the demo table belongs")
     head, rest = text.split(BEGIN, 1)
     Path(readme).write_text(head + block + rest.split(END, 1)[1])
+
+
+def chat_tables(benchmarks: dict) -> list[str]:
+    """Markdown lines for each MT-Bench-format benchmark of a run: grades per turn and pairwise results."""
+    lines = []
+    for name, found in benchmarks.items():
+        if "single" not in found:
+            continue
+        pairwise = found.get("pairwise", {})
+        lines += [f"Chat benchmark `{name}` (MT-Bench format; grades 0-10, pairwise against the baseline):", "",
+                  "| model | turn 1 | turn 2 | overall | win / tie / loss | win rate (95% CI) |", "| --- | --- | --- | --- | --- | --- |"]
+        for model, grade in found["single"].items():
+            pair = pairwise.get(model)
+            ci = pair and pair.get("win_rate_ci95")
+            result = f"{pair['win']} / {pair['tie']} / {pair['loss']} | " + (f"{pair['win_rate']:.2f} ({ci[0]:.2f}-{ci[1]:.2f})" if ci else "no verdicts") if pair else " | "
+            lines.append(f"| {model} | {grade['turn_1']:.2f} | {grade['turn_2']:.2f} | {grade['overall']:.2f} | {result} |")
+        lines.append("")
+    return lines
