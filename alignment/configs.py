@@ -50,6 +50,14 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
+def _yaml_or_text(raw: str):
+    """A value as YAML reads it, or the text itself when it is not YAML (a Jinja chat template, say)."""
+    try:
+        return load_yaml(raw)
+    except yaml.YAMLError:
+        return raw
+
+
 def parse_overrides(args: list[str]) -> dict:
     """`--key value` pairs; values are read as YAML so numbers, booleans and lists work."""
     overrides, i = {}, 0
@@ -59,7 +67,7 @@ def parse_overrides(args: list[str]) -> dict:
             raise SmoeError(f"cannot read override {key!r}", "command line", "write overrides as --key value")
         raw = args[i + 1]
         # YAML 1.1 reads yes/no/on/off as booleans; on a command line they are words (save_strategy no)
-        overrides[key[2:].replace("-", "_")] = raw if raw.lower() in ("yes", "no", "on", "off") else load_yaml(raw)
+        overrides[key[2:].replace("-", "_")] = raw if raw.lower() in ("yes", "no", "on", "off") else _yaml_or_text(raw)
         i += 2
     return overrides
 

@@ -17,6 +17,7 @@ from datasets import Dataset
 from trl import DPOConfig, DPOTrainer, ModelConfig
 
 from alignment.data import keep_answerable, to_preference
+from alignment.errors import SmoeError
 from alignment.distributed import check_before_loading
 from alignment.models.router import MoEArgs, RouterLossMixin, attach_router_losses
 from alignment.train_common import DataArgs, check_evaluation, load_student, take_trl_router_coef, train_and_save, trainer_refusals
@@ -37,6 +38,10 @@ class MoEDPOTrainer(RouterLossMixin, DPOTrainer):
         dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
         eos = self._tokenizer.eos_token_id
         return dataset.map(lambda row: {key: end_at_eos(row[key], eos) for key in ("chosen_ids", "rejected_ids")})
+
+
+# the loss types TRL 1.16's DPOTrainer computes (its own list, in the error it raises at the first step)
+LOSS_TYPES = {"sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm"}
 
 
 def end_at_eos(ids: list[int], eos: int | None) -> list[int]:
@@ -63,6 +68,9 @@ def run(data_args: DPODataArgs, training_args: DPOConfig, model_args: ModelConfi
 
 def build_trainer(model, tokenizer, peft_config, training_args: DPOConfig, dataset: Dataset, moe: MoEArgs, eval_dataset: Dataset | None = None) -> MoEDPOTrainer:
     # TRL would reload the reference from the path in the model's config, which for a merged adapter is not this model
+    unknown = [t for t in training_args.loss_type if t not in LOSS_TYPES]
+    if unknown:  # TRL finds out only at the first step
+        raise SmoeError(f"unknown loss_type {unknown}", "recipe key loss_type", f"use some of {sorted(LOSS_TYPES)}")
     needs_reference = peft_config is None and not training_args.precompute_ref_log_probs
     ref_model = copy.deepcopy(model).eval().requires_grad_(False) if needs_reference else None
     with trainer_refusals():

@@ -112,7 +112,17 @@ def load_student(model_args: ModelConfig, data_args: DataArgs):
     tokenizer = load_tokenizer(path)
     if data_args.chat_template:
         tokenizer.chat_template = data_args.chat_template
+        check_chat_template(tokenizer)
     return model, tokenizer, peft_config
+
+
+def check_chat_template(tokenizer):
+    from jinja2 import TemplateError
+
+    try:
+        tokenizer.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}], tokenize=False)
+    except TemplateError as err:
+        raise SmoeError(f"chat_template does not render ({type(err).__name__}: {err})", "recipe key chat_template", "fix the Jinja template, or drop the key to keep the tokenizer's own") from None
 
 
 def model_type(path: str) -> str | None:

@@ -2,6 +2,7 @@
 `transformers serve` load; chat: a terminal conversation over piped stdin."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -75,4 +76,4 @@ def test_export_refuses_a_missing_model_and_bad_dtype(tmp_path, capsys):
     assert main(["export", "--model_name_or_path", str(tmp_path), "--output_dir", str(tmp_path / "x"), "--dtype", "int3"]) == 2
     assert "choose float32, bfloat16 or float16" in capsys.readouterr().err
     assert main(["chat", "--model", str(tmp_path)]) == 2  # a directory with no model in it
-    assert "cannot load a model and tokenizer" in capsys.readouterr().err
+    assert re.search("cannot load (a model and tokenizer|the tokenizer|the model)", capsys.readouterr().err)
