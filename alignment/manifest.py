@@ -92,8 +92,6 @@ def stale_reason(output_dir: str | Path, current: dict) -> str | None:
         return None
     path = out / FINGERPRINT
     if not path.is_file():
-        if not any((out / name).is_file() for name in (MANIFEST, "recipe.yaml")):
-            raise SmoeError("output_dir holds files that no stage wrote", str(out), "choose an empty or new output_dir")
         return "it has no fingerprint (an earlier version wrote it)"
     before = json.loads(path.read_text())
     changed = sorted(k for k in {*before["recipe"], *current["recipe"]} if before["recipe"].get(k) != current["recipe"].get(k))
@@ -106,8 +104,11 @@ def stale_reason(output_dir: str | Path, current: dict) -> str | None:
 
 
 def set_aside(output_dir: str | Path) -> Path:
-    """Move a stale output to `<output_dir>.previous` (or `.previous-2`, ...): nothing is deleted."""
+    """Move a stale output to `<output_dir>.previous` (or `.previous-2`, ...): nothing is deleted. A
+    directory that no stage wrote (no fingerprint, recipe or manifest) is refused, not moved."""
     out = Path(output_dir)
+    if not any((out / name).is_file() for name in (FINGERPRINT, MANIFEST, "recipe.yaml")):
+        raise SmoeError("output_dir holds files that no stage wrote", str(out), "choose an empty or new output_dir")
     previous, n = out.with_name(out.name + ".previous"), 1
     while previous.exists():
         n += 1

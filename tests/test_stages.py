@@ -92,3 +92,12 @@ def test_lora_sft_trains_only_the_adapter(run, micro_model, tmp_path):
     assert (out / "adapter_config.json").is_file() and is_complete(out)
     adapter = load_file(out / "adapter_model.safetensors")
     assert any("lora_B" in k and adapter[k].abs().sum() > 0 for k in adapter)  # B starts at zero
+
+
+def test_a_directory_no_stage_wrote_is_refused_not_moved(run, micro_model, tmp_path, capsys):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("precious")
+    args = ("sft", "--config", "recipes/tiny/sft.yaml", "--model_name_or_path", micro_model, "--dataset_path", run / "sft_data", "--output_dir", tmp_path / "mine", *TRAIN_FAST)
+    assert main([str(a) for a in args]) == 2
+    assert "output_dir holds files that no stage wrote" in capsys.readouterr().err
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "precious" and not (tmp_path / "mine.previous").exists()
