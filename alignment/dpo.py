@@ -20,7 +20,7 @@ from alignment.data import keep_answerable, to_preference
 from alignment.errors import SmoeError
 from alignment.distributed import check_before_loading
 from alignment.models.router import MoEArgs, RouterLossMixin, attach_router_losses
-from alignment.train_common import DataArgs, check_evaluation, load_student, take_trl_router_coef, train_and_save, trainer_refusals
+from alignment.train_common import DataArgs, check_training_setup, load_student, take_trl_router_coef, train_and_save, trainer_refusals
 
 
 @dataclass
@@ -55,7 +55,7 @@ def run(data_args: DPODataArgs, training_args: DPOConfig, model_args: ModelConfi
     started = time.time()
     check_before_loading(training_args, model_args)
     train, held_out, where = data_args.rows()
-    check_evaluation(training_args, held_out)
+    check_training_setup(training_args, held_out)
     rows = [to_preference(r, where, i) for i, r in enumerate(train, 1)]
     eval_rows = [to_preference(r, f"{where} (evaluation rows)", i) for i, r in enumerate(held_out, 1)] if held_out else None
     model, tokenizer, peft_config = load_student(model_args, data_args)

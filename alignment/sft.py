@@ -17,7 +17,7 @@ from alignment.data import keep_answerable, to_conversation
 from alignment.distributed import check_before_loading
 from alignment.models.packing import use_packed_attention
 from alignment.models.router import MoEArgs, RouterLossMixin, attach_router_losses
-from alignment.train_common import DataArgs, check_evaluation, load_student, take_trl_router_coef, train_and_save, trainer_refusals
+from alignment.train_common import DataArgs, check_training_setup, load_student, take_trl_router_coef, train_and_save, trainer_refusals
 
 
 @dataclass
@@ -40,7 +40,7 @@ def run(data_args: SFTDataArgs, training_args: SFTConfig, model_args: ModelConfi
     started = time.time()
     check_before_loading(training_args, model_args)
     train, held_out, where = data_args.rows()
-    check_evaluation(training_args, held_out)
+    check_training_setup(training_args, held_out)
     rows = conversations(train, data_args.messages_field, where)
     eval_rows = conversations(held_out, data_args.messages_field, f"{where} (evaluation rows)") if held_out else None
     model, tokenizer, peft_config = load_student(model_args, data_args)

@@ -75,7 +75,8 @@ def trainer_refusals():
         raise SmoeError(f"the trainer refused this recipe: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else err!r}", "recipe", "change the key the message names (`smoe-align <stage> --help` lists the keys)") from None
 
 
-def check_evaluation(training_args, held_out: list[dict]):
+def check_training_setup(training_args, held_out: list[dict]):
+    """What the recipe asks of the run that this machine or the data cannot give: the hub, evaluation rows."""
     if training_args.push_to_hub and os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
         raise SmoeError("push_to_hub is set but the hub is offline here (HF_HUB_OFFLINE)", "recipe key push_to_hub", "set push_to_hub: false, or unset HF_HUB_OFFLINE where the hub is reachable")
     strategy = getattr(training_args.eval_strategy, "value", training_args.eval_strategy)  # an enum once parsed
@@ -139,9 +140,6 @@ def linear_4bit_config(model_args: ModelConfig, path: str):
     routers and lm_head stay in full precision. 3-D fused expert weights are not nn.Linear: `quantize_fused_experts` takes them."""
     from transformers import BitsAndBytesConfig
 
-    from alignment.models.quant import bitsandbytes
-
-    bitsandbytes()
     if adapter_base(path) is not None:
         raise SmoeError("4-bit loading of an adapter directory works for JetMoE only", f"model_name_or_path {path}", "merge it into a model directory first, then train QLoRA on that")
     dtype = model_args.dtype if model_args.dtype not in (None, "auto") else "bfloat16"

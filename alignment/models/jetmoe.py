@@ -48,6 +48,13 @@ def adapter_base(path: str | Path) -> str | None:
     return base
 
 
+MAX_CHAIN = 16  # adapters stacked on adapters; more than this is a loop in base_model_name_or_path
+
+
+def chain_too_long(path) -> SmoeError:
+    return SmoeError(f"adapter chain longer than {MAX_CHAIN} (a loop?)", str(path), "check base_model_name_or_path in the adapter configs")
+
+
 def root_model(path: str | Path) -> str:
     """The full model at the bottom of an adapter chain (the path itself for a model)."""
     for _ in range(MAX_CHAIN):
@@ -55,10 +62,7 @@ def root_model(path: str | Path) -> str:
         if base is None:
             return str(path)
         path = base
-    raise SmoeError(f"adapter chain longer than {MAX_CHAIN} (a loop?)", str(path), "check base_model_name_or_path in the adapter configs")
-
-
-MAX_CHAIN = 16
+    raise chain_too_long(path)
 
 
 def load_causal_lm(path: str, dtype: str | None = None, _depth: int = 0, **kwargs):
@@ -68,7 +72,7 @@ def load_causal_lm(path: str, dtype: str | None = None, _depth: int = 0, **kwarg
         base = adapter_base(path)
         if base is not None:
             if _depth >= MAX_CHAIN:
-                root_model(path)  # raises with the message
+                raise chain_too_long(path)
             from peft import LoraConfig, PeftModel
 
             from alignment.models.lora import expert_lora_config
@@ -94,8 +98,8 @@ def load_causal_lm(path: str, dtype: str | None = None, _depth: int = 0, **kwarg
 
 def load_tokenizer(path: str):
     check_model_path(path)
-    while not (Path(path) / "tokenizer_config.json").is_file() and adapter_base(path) is not None:
-        path = adapter_base(path)  # an adapter saved without its tokenizer: the one its base has
+    while not (Path(path) / "tokenizer_config.json").is_file() and (base := adapter_base(path)) is not None:
+        path = base  # an adapter saved without its tokenizer: the one its base has
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as err:
