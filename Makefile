@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test test-engines bench clean
+.PHONY: setup demo demo-mixtral test test-engines bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ setup: $(VENV)/.installed
 
 demo: setup
 	time $(BIN)/smoe-align pipeline --config recipes/tiny/pipeline.yaml
+
+# the same pipeline with a tiny Mixtral-style student (fused experts), into runs/tiny_mixtral
+demo-mixtral: setup
+	time $(BIN)/smoe-align pipeline --config recipes/tiny/pipeline_mixtral.yaml
 
 test: setup
 	$(BIN)/python -m pytest -q

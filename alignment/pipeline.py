@@ -13,7 +13,7 @@ from pathlib import Path
 
 from alignment.errors import SmoeError
 from alignment.manifest import read_manifest
-from alignment.report import BEGIN, END
+from alignment.report import markers
 from alignment.stages import STAGES, run_stage
 
 ENTRY_KEYS = {"name", "stage", "config", "overrides", "match_steps_of"}
@@ -25,6 +25,7 @@ class PipelineArgs:
     stages: list = field(default_factory=list)
     history: str | None = None  # a JSONL file each finished run appends its figures to
     readme: str | None = None  # a README whose marked block shows the latest run and the spread of the history
+    readme_block: str = "tiny-demo"  # the block's name in its markers, <!-- NAME:begin ... --> ... <!-- NAME:end -->
 
     def __post_init__(self):
         names = set()
@@ -45,8 +46,9 @@ class PipelineArgs:
             raise ValueError("stages is empty")
         if self.readme and not self.history:
             raise ValueError("readme needs history (the runs whose spread it shows)")
-        if self.readme and (not Path(self.readme).is_file() or BEGIN not in Path(self.readme).read_text()):
-            raise ValueError(f"readme {self.readme} is not a file with a block marked {BEGIN} ... {END}; run from the repository root, or drop readme")
+        begin, end = markers(self.readme_block)
+        if self.readme and (not Path(self.readme).is_file() or begin not in Path(self.readme).read_text() or end not in Path(self.readme).read_text()):
+            raise ValueError(f"readme {self.readme} is not a file with a block marked {begin} ... {end}; run from the repository root, or drop readme")
 
 
 def run(args: PipelineArgs):
@@ -67,7 +69,7 @@ def run(args: PipelineArgs):
     summary = write_report(outputs, args.output_dir, started)
     ran = any((Path(d) / "manifest.json").stat().st_mtime >= started for _, d in outputs.values())
     if args.history and summary["models"] and ran:  # a rerun that skipped every stage adds no run
-        record_run(summary, args.history, args.readme)
+        record_run(summary, args.history, args.readme, args.readme_block)
     print(f"\nreport: {Path(args.output_dir) / 'report.md'}")
     print(summary["table"])
     return summary

@@ -119,12 +119,15 @@ def machine() -> dict:
     return {"device": device, **versions, "text": f"{device}, " + ", ".join(f"{k} {v}" for k, v in versions.items())}
 
 
-BEGIN, END = "<!-- tiny-demo:begin (written by the pipeline: do not edit) -->", "<!-- tiny-demo:end -->"
+def markers(block: str = "tiny-demo") -> tuple[str, str]:
+    """The two README lines that enclose a pipeline's block; each pipeline (JetMoE, Mixtral) names its own."""
+    return f"<!-- {block}:begin (written by the pipeline: do not edit) -->", f"<!-- {block}:end -->"
 
 
-def record_run(summary: dict, history: str | Path, readme: str | Path | None):
+def record_run(summary: dict, history: str | Path, readme: str | Path | None, block: str = "tiny-demo"):
     """Append this run's figures to `history` (JSONL, kept in the repository) and rewrite the README's
     marked block: the latest run's table, and each model's mean over every recorded run (the spread)."""
+    begin, end = markers(block)
     history = Path(history)
     history.parent.mkdir(parents=True, exist_ok=True)
     row = {"date": time.strftime("%Y-%m-%d"), "machine": summary["machine"]["text"], "mean": {n: round(r["mean_accuracy"], 1) for n, r in summary["models"].items()},
@@ -141,14 +144,14 @@ def record_run(summary: dict, history: str | Path, readme: str | Path | None):
         known = [m for m in means if m is not None]
         spread.append(f"| {name} | " + " | ".join("" if m is None else f"{m:.1f}" for m in means) + f" | {max(known) - min(known):.1f} |")
     machines = "\n".join(f"- run {i + 1}: {r['date']}, {r['machine']}, {r['wall_seconds'] / 60:.1f} min" for i, r in enumerate(runs))
-    block = "\n".join([BEGIN, f"Latest run ({row['date']}, {summary['machine']['text']}; pipeline {summary['wall_seconds'] / 60:.1f} min):", "", summary["table"], f"- {deltas}", "",
-                        *chat_tables(summary["chat_benchmarks"]),
-                        f"Mean held-out accuracy of every recorded run ({history}): numbers move between CPUs and library versions", "in the last digits and, for the stages that learn abruptly, by a few points; the conclusions hold.", "", *spread, "", machines, END])
-    text = Path(readme).read_text()
-    if BEGIN not in text or END not in text:
-        raise SmoeError(f"no block marked {BEGIN} ... {END}", str(readme), "put the two marker lines where the demo table belongs")
-    head, rest = text.split(BEGIN, 1)
-    Path(readme).write_text(head + block + rest.split(END, 1)[1])
+    text = "\n".join([begin, f"Latest run ({row['date']}, {summary['machine']['text']}; pipeline {summary['wall_seconds'] / 60:.1f} min):", "", summary["table"], f"- {deltas}", "",
+                       *chat_tables(summary["chat_benchmarks"]),
+                       f"Mean held-out accuracy of every recorded run ({history}): numbers move between CPUs and library versions", "in the last digits and, for the stages that learn abruptly, by a few points; the conclusions hold.", "", *spread, "", machines, end])
+    old = Path(readme).read_text()
+    if begin not in old or end not in old:
+        raise SmoeError(f"no block marked {begin} ... {end}", str(readme), "put the two marker lines where the demo table belongs")
+    head, rest = old.split(begin, 1)
+    Path(readme).write_text(head + text + rest.split(end, 1)[1])
 
 
 def chat_tables(benchmarks: dict) -> list[str]:

@@ -1,17 +1,19 @@
-"""A tiny JetMoE and a character-level tokenizer, built locally for the embedded default and the tests.
+"""A tiny JetMoE (or Mixtral-style) student and a character-level tokenizer, built locally for the embedded
+default and the tests.
 
 One token per byte (no merges) keeps digits and letters visible to the model: BPE merges hide them from
-reversal, sorting and addition. The chat template marks assistant turns with `{% generation %}` so TRL's
+reversal, sorting and addition. The Mixtral-style student has dense attention and one bank of fused
+experts per layer (transformers 5's `MixtralExperts`), the other MoE shape the toolkit trains. The chat template marks assistant turns with `{% generation %}` so TRL's
 assistant-only loss can find them, and ends every turn with EOS so generation stops after one reply.
 """
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import JetMoeConfig, JetMoeForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, JetMoeConfig, JetMoeForCausalLM, MixtralConfig, MixtralForCausalLM, PreTrainedTokenizerFast
 
 from alignment.manifest import write_manifest
 
@@ -31,9 +33,11 @@ CHAT_TEMPLATE = (
 
 @dataclass
 class TinyModelArgs:
-    """`smoe-align init-model`: a tiny JetMoE with attention and MLP experts, and its tokenizer."""
+    """`smoe-align init-model`: a tiny MoE and its tokenizer. `family: jetmoe` has attention and MLP experts;
+    `family: mixtral` has dense attention (kv_channels per head) and MLP experts."""
 
     output_dir: str = "runs/tiny/base"
+    family: str = field(default="jetmoe", metadata={"choices": ("jetmoe", "mixtral")})
     hidden_size: int = 128
     num_hidden_layers: int = 4
     num_local_experts: int = 8
@@ -68,7 +72,10 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def build_model(args: TinyModelArgs, tokenizer) -> JetMoeForCausalLM:
+def build_model(args: TinyModelArgs, tokenizer) -> JetMoeForCausalLM | MixtralForCausalLM:
+    torch.manual_seed(args.seed)
+    if args.family == "mixtral":
+        return MixtralForCausalLM(mixtral_config(args, tokenizer))
     config = JetMoeConfig(
         vocab_size=len(tokenizer),
         hidden_size=args.hidden_size,
@@ -86,8 +93,31 @@ def build_model(args: TinyModelArgs, tokenizer) -> JetMoeForCausalLM:
         initializer_range=0.02,
         tie_word_embeddings=True,
     )
-    torch.manual_seed(args.seed)
     return JetMoeForCausalLM(config)
+
+
+def mixtral_config(args: TinyModelArgs, tokenizer) -> MixtralConfig:
+    """The same width, depth, experts and embeddings as the tiny JetMoE; attention dense, kv_channels per head."""
+    if args.hidden_size % args.kv_channels:
+        raise ValueError(f"hidden_size {args.hidden_size} is not a multiple of kv_channels {args.kv_channels} (the head width)")
+    return MixtralConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=args.hidden_size,
+        num_hidden_layers=args.num_hidden_layers,
+        num_attention_heads=args.hidden_size // args.kv_channels,
+        num_key_value_heads=args.num_key_value_heads,
+        head_dim=args.kv_channels,
+        intermediate_size=args.intermediate_size,
+        num_local_experts=args.num_local_experts,
+        num_experts_per_tok=args.num_experts_per_tok,
+        max_position_embeddings=args.max_position_embeddings,
+        router_aux_loss_coef=args.aux_loss_coef,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        initializer_range=0.02,
+        tie_word_embeddings=True,
+    )
 
 
 def init_model(args: TinyModelArgs) -> Path:
@@ -104,5 +134,5 @@ def run(args: TinyModelArgs):
     """The init-model stage."""
     started = time.time()
     out = init_model(args)
-    n_params = sum(p.numel() for p in JetMoeForCausalLM.from_pretrained(out).parameters())
+    n_params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(out).parameters())
     write_manifest(out, "init-model", started, parameters=n_params)
