@@ -5,6 +5,7 @@ import json
 import yaml
 
 from alignment.cli import main
+from tests.conftest import MICRO
 
 # the untrained micro student rarely answers right: the teacher as a second policy guarantees pairs
 TEACHER_POLICY = {"name": "teacher", "backend": "skills", "error_rate": 0.5, "num_samples": 2}
@@ -12,11 +13,14 @@ TEACHER_POLICY = {"name": "teacher", "backend": "skills", "error_rate": 0.5, "nu
 FAST = {"max_steps": 2, "logging_steps": 1, "report_to": "none", "per_device_train_batch_size": 4}
 
 
-def micro_pipeline(root, micro_model, dpo_data):
-    """The shipped tiny pipeline, every stage pointed into `root` and shrunk."""
+def micro_pipeline(root, micro_model, dpo_data, recipe_path="recipes/tiny/pipeline.yaml", block="tiny-demo"):
+    """A shipped tiny pipeline, every stage pointed into `root` and shrunk. `micro_model` None: the recipe's
+    own init-model stage builds the student, at micro size, into `root`/base."""
     d = lambda name: str(root / name)  # noqa: E731
+    micro_model = micro_model or d("base")
     policy = [{"name": "dsft", "backend": "hf", "model": d("sft"), "num_samples": 4, "temperature": 1.0, "max_new_tokens": 8}, TEACHER_POLICY]
     overrides = {
+        "base": {"output_dir": d("base"), **MICRO},
         "sft_data": {"output_dir": d("sft_data"), "prompts_per_skill": 12},
         "dsft": {"model_name_or_path": micro_model, "dataset_path": d("sft_data"), "output_dir": d("sft"), **FAST},
         "pref_data": {"output_dir": d("pref_data"), "prompts_per_skill": 6, "policies": policy},
@@ -37,11 +41,12 @@ def micro_pipeline(root, micro_model, dpo_data):
         "max_new_tokens": 8,
         "models": [{"name": "dsft", "path": d("sft")}, {"name": "ddpo", "path": d("dpo")}],
     }
-    recipe = yaml.safe_load(open("recipes/tiny/pipeline.yaml"))
+    recipe = yaml.safe_load(open(recipe_path))
     recipe["output_dir"] = str(root)
     recipe["history"], recipe["readme"] = str(root / "history.jsonl"), str(root / "README.md")  # never the repository's
-    (root / "README.md").write_text("# demo\n<!-- tiny-demo:begin (written by the pipeline: do not edit) -->\nold\n<!-- tiny-demo:end -->\nafter\n")
-    recipe["stages"] = [{**s, "overrides": overrides[s["name"]]} for s in recipe["stages"] if s["name"] in overrides]
+    (root / "README.md").write_text(f"# demo\n<!-- {block}:begin (written by the pipeline: do not edit) -->\nold\n<!-- {block}:end -->\nafter\n")
+    keep_base = micro_model == d("base")
+    recipe["stages"] = [{**s, "overrides": {**s.get("overrides", {}), **overrides[s["name"]]}} for s in recipe["stages"] if s["name"] != "base" or keep_base]
     path = root / "pipeline.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return path
@@ -91,3 +96,36 @@ def test_pipeline_runs_resumes_and_reports(tmp_path, micro_model, capsys):
     assert out.count("its input changed") == 6  # pref_data, ddpo, the two controls, eval, chat_eval: all that read dsft
     assert (tmp_path / "sft.previous" / "manifest.json").is_file()  # the old output set aside, not deleted
     assert (tmp_path / "eval.previous" / "results" / "dsft.json").is_file() and (tmp_path / "eval" / "results" / "dsft.json").is_file()  # scored again
+
+
+def test_mixtral_pipeline_is_the_tiny_pipeline_with_a_mixtral_student(tmp_path):
+    """Same stages and recipes as the JetMoE pipeline except the student; at micro size it trains a Mixtral
+    (fused experts) end to end and writes its own README block."""
+    jetmoe = yaml.safe_load(open("recipes/tiny/pipeline.yaml"))
+    mixtral = yaml.safe_load(open("recipes/tiny/pipeline_mixtral.yaml"))
+    assert [(s["name"], s["stage"]) for s in mixtral["stages"]] == [(s["name"], s["stage"]) for s in jetmoe["stages"]]
+    differ = [s["name"] for s, j in zip(mixtral["stages"], jetmoe["stages"]) if s["config"] != j["config"] or s.get("match_steps_of") != j.get("match_steps_of")]
+    assert differ == ["base"]  # skills, teacher, judge, training and evaluation recipes are JetMoE's, read as they are
+    for stage in mixtral["stages"]:  # every path the overrides give lies under the Mixtral output dir
+        paths = [v for k, v in (stage.get("overrides") or {}).items() if k in ("output_dir", "model_name_or_path", "dataset_path")]
+        assert all(p.startswith(mixtral["output_dir"] + "/") for p in paths), stage["name"]
+
+    config = micro_pipeline(tmp_path, None, dpo_data=str(tmp_path / "pref_data"), recipe_path="recipes/tiny/pipeline_mixtral.yaml", block="tiny-demo-mixtral")
+    assert main(["pipeline", "--config", str(config)]) == 0
+    for model in ("base", "sft", "dpo", "control_chosen_sft"):
+        assert json.loads((tmp_path / model / "config.json").read_text())["architectures"] == ["MixtralForCausalLM"]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert set(summary["models"]) == {"dsft", "ddpo", "control_teacher_sft", "control_chosen_sft"}
+    assert json.loads((tmp_path / "control_teacher_sft" / "manifest.json").read_text())["global_step"] == json.loads((tmp_path / "dpo" / "manifest.json").read_text())["global_step"]
+    readme = (tmp_path / "README.md").read_text()
+    assert "<!-- tiny-demo-mixtral:begin" in readme and "\nold\n" not in readme and "| ddpo |" in readme and readme.endswith("after\n")
+
+
+def test_pipeline_refuses_a_readme_without_its_block(tmp_path):
+    """The Mixtral pipeline writes its own block: a README holding only the JetMoE block is refused before any stage runs."""
+    recipe = yaml.safe_load(open("recipes/tiny/pipeline_mixtral.yaml"))
+    (tmp_path / "README.md").write_text("<!-- tiny-demo:begin (written by the pipeline: do not edit) -->\n<!-- tiny-demo:end -->\n")
+    recipe.update(readme=str(tmp_path / "README.md"), history=str(tmp_path / "h.jsonl"), output_dir=str(tmp_path / "out"))
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(recipe))
+    assert main(["pipeline", "--config", str(tmp_path / "p.yaml")]) == 2
+    assert not (tmp_path / "out").exists()

@@ -90,6 +90,10 @@ def load_causal_lm(path: str, dtype: str | None = None, _depth: int = 0, **kwarg
             model = AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(dtype), **kwargs)
     except (OSError, ValueError) as err:  # ValueError: a directory with no model config transformers knows
         raise SmoeError(f"cannot load the model ({str(err).splitlines()[0]})", path, "point model_name_or_path at a model directory, adapter or hub id") from None
+    if getattr(model.config, "output_router_logits", False):
+        # TRL saves it switched on after training with its router loss (it sets it again itself when it trains);
+        # generating with it fails on padded batches (Mixtral's load-balancing loss against the KV-cache mask)
+        model.config.output_router_logits = False
     if model.config.model_type == "jetmoe":
         model.supports_gradient_checkpointing = True
         use_fast_experts()
