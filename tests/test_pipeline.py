@@ -129,3 +129,9 @@ def test_pipeline_refuses_a_readme_without_its_block(tmp_path):
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(recipe))
     assert main(["pipeline", "--config", str(tmp_path / "p.yaml")]) == 2
     assert not (tmp_path / "out").exists()
+
+
+def test_mixtral_student_heads_must_divide_the_width(capsys):
+    args = ["init-model", "--config", "recipes/tiny/init_model_mixtral.yaml", "--kv_channels", "24", "--output_dir", "unused"]
+    assert main(args) == 2
+    assert "hidden_size 128 must be kv_channels 24 (the head width)" in capsys.readouterr().err

@@ -2,9 +2,10 @@
 default and the tests.
 
 One token per byte (no merges) keeps digits and letters visible to the model: BPE merges hide them from
-reversal, sorting and addition. The Mixtral-style student has dense attention and one bank of fused
-experts per layer (transformers 5's `MixtralExperts`), the other MoE shape the toolkit trains. The chat template marks assistant turns with `{% generation %}` so TRL's
+reversal, sorting and addition. The chat template marks assistant turns with `{% generation %}` so TRL's
 assistant-only loss can find them, and ends every turn with EOS so generation stops after one reply.
+The Mixtral-style student has dense attention and one bank of fused experts per layer (transformers 5's
+`MixtralExperts`): the other MoE shape the toolkit trains.
 """
 
 import time
@@ -48,6 +49,11 @@ class TinyModelArgs:
     max_position_embeddings: int = 256
     aux_loss_coef: float = 0.01
     seed: int = 0
+
+    def __post_init__(self):
+        heads, rest = divmod(self.hidden_size, self.kv_channels)
+        if self.family == "mixtral" and (rest or heads % self.num_key_value_heads):
+            raise ValueError(f"family mixtral: hidden_size {self.hidden_size} must be kv_channels {self.kv_channels} (the head width) times a multiple of num_key_value_heads {self.num_key_value_heads}")
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
@@ -98,8 +104,6 @@ def build_model(args: TinyModelArgs, tokenizer) -> JetMoeForCausalLM | MixtralFo
 
 def mixtral_config(args: TinyModelArgs, tokenizer) -> MixtralConfig:
     """The same width, depth, experts and embeddings as the tiny JetMoE; attention dense, kv_channels per head."""
-    if args.hidden_size % args.kv_channels:
-        raise ValueError(f"hidden_size {args.hidden_size} is not a multiple of kv_channels {args.kv_channels} (the head width)")
     return MixtralConfig(
         vocab_size=len(tokenizer),
         hidden_size=args.hidden_size,
