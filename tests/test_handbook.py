@@ -3,7 +3,6 @@
 import json
 
 import pytest
-from datasets import Dataset, DatasetDict
 
 from alignment.cli import main
 from alignment.configs import read_yaml
@@ -11,18 +10,6 @@ from alignment.manifest import read_manifest
 
 # kept short for CI: one optimizer step of a tiny batch, on the CPU; everything else is the shipped recipe
 SHORT = ["--use_cpu", "true", "--max_steps", "1", "--logging_steps", "1", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1", "--max_length", "64", "--report_to", "none", "--save_strategy", "no"]
-
-
-@pytest.fixture(scope="module")
-def hub_copies(tmp_path_factory):
-    """Local copies in the public schemas: ultrachat_200k (train_sft) and ultrafeedback_binarized (train_prefs)."""
-    root = tmp_path_factory.mktemp("hub")
-    prompt = [{"role": "user", "content": "sort 3021"}]
-    chat = [{"prompt_id": str(i), "prompt": "sort 3021", "messages": prompt + [{"role": "assistant", "content": "Answer: 0123"}]} for i in range(8)]
-    prefs = [{"prompt_id": str(i), "prompt": "sort 3021", "chosen": prompt + [{"role": "assistant", "content": "Answer: 0123"}], "rejected": prompt + [{"role": "assistant", "content": "Answer: 0132"}], "score_chosen": 10.0, "score_rejected": 3.0} for i in range(8)]
-    DatasetDict({"train_sft": Dataset.from_list(chat), "test_sft": Dataset.from_list(chat[:2])}).save_to_disk(str(root / "ultrachat_200k"))
-    DatasetDict({"train_prefs": Dataset.from_list(prefs), "test_prefs": Dataset.from_list(prefs[:2])}).save_to_disk(str(root / "ultrafeedback_binarized"))
-    return root
 
 
 def with_paths(recipe: str, dataset: str) -> str:
@@ -101,11 +88,8 @@ def test_handbook_recipes_run_as_published_with_only_paths_changed(family, metho
     assert "'overwrite_output_dir' is ignored" in err and ("'max_seq_length' is now called 'max_length'" in err) == (method == "full")
     logs = read_manifest(sft)["log_history"]
     assert read_manifest(sft)["rows"] == 8 and any("eval_loss" in h for h in logs)  # 8 + 2 rows, 2 held out
-    if method == "qlora":
-        assert "quantizes the nn.Linear layers" in err
-        start = str(tiny_bases / family)  # QLoRA from a merged model directory: an adapter chain is not 4-bit-loadable here
-    else:
-        start = str(sft)
+    assert ("quantizes the nn.Linear layers" in err) == (method == "qlora")
+    start = str(sft)  # dDPO from the dSFT output, an adapter for QLoRA: merged into the 4-bit base
     recipe = f"{HANDBOOK}/{family}/dpo_{method}.yaml"
     args = localised(recipe, str(hub_copies / "ultrafeedback_binarized"), model_name_or_path=start, output_dir=dpo)
     if read_yaml(recipe)["torch_dtype"] == "float16":  # the published dpo QLoRA dtype; float16 does not train on a CPU
