@@ -188,29 +188,59 @@ def test_trl_router_aux_loss_coef_is_honoured_once(bases, tmp_path, capsys):
     assert config["router_aux_loss_coef"] == 0.001 and config["output_router_logits"] is False
 
 
-@pytest.mark.parametrize("base, warned", [("collapsed", True), ("mixtral", False)])
-def test_sft_logs_router_health_to_tensorboard_warns_on_collapse_and_the_report_draws_it(bases, tmp_path, capsys, base, warned):
+class RoundRobinRouter(torch.nn.Module):
+    """A softmax router that sends flattened token i to experts i and i + 1 (mod E): balanced by construction."""
+
+    def __init__(self, router):
+        super().__init__()
+        self.weight, self.top_k, self.num_experts = router.weight, router.top_k, router.num_experts
+
+    def forward(self, hidden_states):
+        tokens = hidden_states.reshape(-1, hidden_states.shape[-1]).shape[0]
+        first = torch.arange(tokens) % self.num_experts
+        logits = torch.zeros(tokens, self.num_experts).scatter(1, first[:, None], 4.0).scatter(1, (first[:, None] + 1) % self.num_experts, 3.0)
+        weights, indices = logits.softmax(-1).topk(self.top_k, dim=-1)
+        return logits, weights / weights.sum(-1, keepdim=True), indices
+
+
+@pytest.mark.parametrize("base, warned", [("collapsed", True), ("balanced", False)])
+def test_sft_logs_router_health_to_tensorboard_warns_on_collapse_and_the_report_draws_it(bases, tmp_path, capsys, monkeypatch, base, warned):
+    from datasets import Dataset
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from transformers.models.mixtral import modeling_mixtral
+    from trl import SFTConfig
 
+    from alignment.models.jetmoe import load_causal_lm, load_tokenizer
     from alignment.report import write_report
+    from alignment.sft import build_trainer
+    from alignment.train_common import train_and_save
 
+    monkeypatch.setattr(modeling_mixtral.MixtralPreTrainedModel, "_can_record_outputs", {"router_logits": modeling_mixtral.OutputRecorder(RoundRobinRouter, index=0)})
+    model = load_causal_lm(bases["mixtral" if base == "balanced" else base])
+    if base == "balanced":
+        for layer in model.model.layers:
+            layer.mlp.gate = RoundRobinRouter(layer.mlp.gate)
+    rows = [json.loads(line) for line in chats(tmp_path / "chats.jsonl", 16).read_text().splitlines()]
     out = tmp_path / "sft"
-    assert main(sft_args(bases[base], chats(tmp_path / "chats.jsonl", 16), out, "--report_to", "tensorboard", "--logging_dir", str(tmp_path / "tb"), "--learning_rate", "1e-5", "--logging_steps", "2")) == 0
+    args = SFTConfig(output_dir=str(out), max_steps=2, logging_steps=2, per_device_train_batch_size=8, learning_rate=1e-5, report_to=["tensorboard"], save_strategy="no", bf16=False, use_cpu=True,
+                     gradient_checkpointing=False, assistant_only_loss=True, max_length=128)
+    trainer = build_trainer(model, load_tokenizer(bases["mixtral"]), None, args, Dataset.from_list(rows), MoEArgs())
+    train_and_save(trainer, "sft", 0.0)
     err = capsys.readouterr().err
-    logs = [h for h in read_manifest(out)["log_history"] if "loss" in h]
+    logs = [h for h in trainer.state.log_history if "loss" in h]
     scalars = {f"router/L{i}.mlp/{m}" for i in (0, 1) for m in ("max_load", "entropy", "dead")}
     assert len(logs) == 1 and scalars <= set(logs[0])
-    events = EventAccumulator(str(next((tmp_path / "tb").rglob("events.out.tfevents.*")))).Reload()
+    events = EventAccumulator(str(next(out.rglob("events.out.tfevents.*")))).Reload()
     assert {f"train/{s}" for s in scalars} <= set(events.Tags()["scalars"])
     health = json.loads((out / HEALTH_FILE).read_text())
     last = health["windows"][-1]["routers"]["L0.mlp"]
-    assert sum(last["load"]) == pytest.approx(1.0, abs=1e-4) and last["tokens"] > 100
-    assert logs[0]["router/L0.mlp/dead"] == last["dead"]
+    assert sum(last["load"]) == pytest.approx(1.0, abs=1e-4) and last["tokens"] > 200
+    assert logs[0]["router/L0.mlp/dead"] == last["dead"] and logs[0]["router/L0.mlp/entropy"] == pytest.approx(last["entropy"])
     if warned:
         assert last["load"] == [0.5, 0.5, 0.0, 0.0] and logs[0]["router/L0.mlp/max_load"] == 2.0
         assert "WARNING: router L0.mlp collapsed after sft" in err and "WARNING: router L1.mlp collapsed after sft" in err
     else:
-        assert last["dead"] == 0 and "WARNING" not in err and health["collapsed"] == {}
+        assert last["dead"] == 0 and max(last["load"]) < 0.15 and "WARNING" not in err and health["collapsed"] == {}
     write_report({"dsft": ("sft", str(out))}, str(tmp_path / "report"), 0.0)
     report = (tmp_path / "report" / "report.md").read_text()
     assert "![router health of dsft](router_dsft.png)" in report and (tmp_path / "report" / "router_dsft.png").stat().st_size > 10_000
