@@ -84,10 +84,12 @@ def plot_router_health(health: dict, name: str, path: Path):
     fig, (heat, entropy) = plt.subplots(1, 2, figsize=(12, max(3.0, 0.3 * len(routers) + 1.5)))
     image = heat.imshow(load, aspect="auto", cmap="viridis", vmin=0)
     heat.set_yticks(range(len(routers)), routers, fontsize=7)
+    if width <= 32:
+        heat.set_xticks(range(width))
     heat.set(title=f"{name}: expert load, steps to {last['step']} (share of routed slots)", xlabel="expert")
     fig.colorbar(image, ax=heat)
-    for window, label in ((first, f"to step {first['step']}"), (last, f"to step {last['step']}")):
-        entropy.plot([window["routers"].get(r, {}).get("entropy", np.nan) for r in routers], range(len(routers)), marker="o", label=label)
+    for window in ([first] if first is not last else []) + [last]:
+        entropy.plot([window["routers"].get(r, {}).get("entropy", np.nan) for r in routers], range(len(routers)), marker="o", label=f"steps to {window['step']}")
     entropy.plot([math.log(width)] * len(routers), range(len(routers)), "k--", label="uniform")
     entropy.set_yticks(range(len(routers)), routers, fontsize=7)
     entropy.invert_yaxis()
