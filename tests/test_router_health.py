@@ -265,3 +265,14 @@ def test_dpo_health_counts_the_policy_pass_only_over_real_tokens(bases, tmp_path
     tokens = {name: h["tokens"] for name, h in health["windows"][-1]["routers"].items()}
     assert tokens == {"L0.mlp": int(batch["attention_mask"].sum()), "L1.mlp": int(batch["attention_mask"].sum())}  # not twice: the reference pass is not counted
     assert batch["attention_mask"].numel() > batch["attention_mask"].sum()  # there was padding to leave out
+
+
+def test_a_resumed_run_keeps_the_windows_written_before_it_and_replaces_the_rest(tmp_path):
+    (tmp_path / HEALTH_FILE).write_text(json.dumps({"windows": [{"step": 2, "routers": {}}, {"step": 4, "routers": {}}, {"step": 6, "routers": {}}]}))
+    model = tiny("mixtral").train()
+    trainer = fake_trainer(model, tmp_path)
+    attach_router_losses(trainer, MoEArgs())  # resumed from the checkpoint at step 2: steps 4 and 6 run again
+    model(input_ids=torch.randint(3, 200, (2, 9)))
+    trainer.router_losses.pop()
+    trainer.router_losses.close_window(step=4)
+    assert [w["step"] for w in trainer.router_losses.windows] == [2, 4] and trainer.router_losses.windows[-1]["routers"]["L0.mlp"]["tokens"] == 18
