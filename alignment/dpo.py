@@ -20,7 +20,7 @@ from alignment.data import keep_answerable, to_preference
 from alignment.errors import SmoeError
 from alignment.distributed import check_before_loading
 from alignment.models.router import MoEArgs, RouterLossMixin, attach_router_losses
-from alignment.train_common import DataArgs, check_training_setup, load_student, take_trl_router_coef, train_and_save, trainer_refusals
+from alignment.train_common import DataArgs, check_training_setup, load_student, train_and_save, trainer_refusals
 
 
 @dataclass
@@ -32,7 +32,7 @@ RECIPE_CLASSES = (DPODataArgs, DPOConfig, ModelConfig, MoEArgs)
 
 
 class MoEDPOTrainer(RouterLossMixin, DPOTrainer):
-    """DPOTrainer plus JetMoE's router losses on the policy's pass (see alignment.models.router)."""
+    """DPOTrainer plus router losses and router health on the policy's pass (see alignment.models.router)."""
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
@@ -61,7 +61,6 @@ def run(data_args: DPODataArgs, training_args: DPOConfig, model_args: ModelConfi
     model, tokenizer, peft_config = load_student(model_args, data_args)
     dataset = Dataset.from_list(keep_answerable(rows, tokenizer, training_args, where, "dpo"))
     eval_dataset = Dataset.from_list(keep_answerable(eval_rows, tokenizer, training_args, f"{where} (evaluation rows)", "dpo")) if eval_rows else None
-    take_trl_router_coef(training_args, moe, model)
     trainer = build_trainer(model, tokenizer, peft_config, training_args, dataset, moe, eval_dataset)
     return train_and_save(trainer, "dpo", started, rows=len(dataset), dropped_truncated=len(rows) - len(dataset))
 
@@ -75,5 +74,5 @@ def build_trainer(model, tokenizer, peft_config, training_args: DPOConfig, datas
     ref_model = copy.deepcopy(model).eval().requires_grad_(False) if needs_reference else None
     with trainer_refusals():
         trainer = MoEDPOTrainer(model=model, ref_model=ref_model, args=training_args, train_dataset=dataset, eval_dataset=eval_dataset, processing_class=tokenizer, peft_config=peft_config)
-    attach_router_losses(trainer, moe)
+    attach_router_losses(trainer, moe, "dpo")
     return trainer

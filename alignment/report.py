@@ -63,6 +63,58 @@ def plot(stage_logs: dict, results: dict, path: Path):
     plt.close(fig)
 
 
+def plot_router_health(health: dict, name: str, path: Path):
+    """The last logging window of a training stage: expert load as a heat map (routers x experts) and the
+    routing entropy per router, beside the first window's and the largest possible (uniform routing)."""
+    import math
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    first, last = health["windows"][0], health["windows"][-1]
+    routers = list(last["routers"])
+    width = max(len(h["load"]) for h in last["routers"].values())
+    load = np.full((len(routers), width), np.nan)
+    for row, router in enumerate(routers):
+        values = last["routers"][router]["load"]
+        load[row, : len(values)] = values
+    fig, (heat, entropy) = plt.subplots(1, 2, figsize=(12, max(3.0, 0.3 * len(routers) + 1.5)))
+    image = heat.imshow(load, aspect="auto", cmap="viridis", vmin=0)
+    heat.set_yticks(range(len(routers)), routers, fontsize=7)
+    if width <= 32:
+        heat.set_xticks(range(width))
+    heat.set(title=f"{name}: expert load, steps to {last['step']} (share of routed slots)", xlabel="expert")
+    fig.colorbar(image, ax=heat)
+    for window in ([first] if first is not last else []) + [last]:
+        entropy.plot([window["routers"].get(r, {}).get("entropy", np.nan) for r in routers], range(len(routers)), marker="o", label=f"steps to {window['step']}")
+    entropy.plot([math.log(width)] * len(routers), range(len(routers)), "k--", label="uniform")
+    entropy.set_yticks(range(len(routers)), routers, fontsize=7)
+    entropy.invert_yaxis()
+    entropy.set(title=f"{name}: routing entropy per router (nats, real tokens)", xlabel="entropy", xlim=(0, None))
+    entropy.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def router_health(name: str, stage_dir: str, out: Path) -> tuple[list[str], dict]:
+    """A training stage's router health figure and its collapse warnings, as report lines."""
+    from alignment.models.router import HEALTH_FILE
+
+    path = Path(stage_dir) / HEALTH_FILE
+    if not path.is_file():
+        return [], {}
+    health = json.loads(path.read_text())
+    if not health["windows"]:
+        return [], {}
+    plot_router_health(health, name, out / f"router_{name}.png")
+    warnings = [f"- WARNING: {name}: router {router} collapsed in the last logging window: {why}" for router, why in health["collapsed"].items()]
+    return ["", f"Router health after {name}:", "", *warnings, f"![router health of {name}](router_{name}.png)"], health["collapsed"]
+
+
 def write_report(outputs: dict, output_dir: str, started: float) -> dict:
     """outputs: stage name -> (stage kind, output dir), in pipeline order."""
     out = Path(output_dir)
@@ -88,7 +140,13 @@ def write_report(outputs: dict, output_dir: str, started: float) -> dict:
                 deltas[f"ddpo_minus_{control}"] = mean["ddpo"] - mean[control]
     timings = {name: manifests[name].get("seconds") for name in outputs}
     table = accuracy_table(results) if results else ""
-    summary = {"models": results, "chat_benchmarks": chat, "deltas": deltas, "stage_seconds": timings, "table": table, "wall_seconds": round(time.time() - started, 1), "machine": machine()}
+    routing, collapse = [], {}
+    for name, (kind, d) in outputs.items():
+        if kind in ("sft", "dpo"):
+            lines, collapse[name] = router_health(name, d, out)
+            routing += lines
+    summary = {"models": results, "chat_benchmarks": chat, "deltas": deltas, "stage_seconds": timings, "table": table, "wall_seconds": round(time.time() - started, 1), "machine": machine(),
+               "router_collapse": {name: found for name, found in collapse.items() if found}}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     if results or stage_logs:
         plot(stage_logs, results, out / "report.png")
@@ -100,7 +158,7 @@ def write_report(outputs: dict, output_dir: str, started: float) -> dict:
             lines.append(f"- {control} is {what}, with dDPO's step count")
     lines += [""] + chat_reports
     lines += ["", "| stage | seconds |", "|---|---|"] + [f"| {n} | {s} |" for n, s in timings.items()]
-    lines += ["", "![training and accuracy](report.png)", ""]
+    lines += ["", "![training and accuracy](report.png)", *routing, ""]
     (out / "report.md").write_text("\n".join(lines))
     return summary
 

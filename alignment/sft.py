@@ -17,7 +17,7 @@ from alignment.data import keep_answerable, to_conversation
 from alignment.distributed import check_before_loading
 from alignment.models.packing import use_packed_attention
 from alignment.models.router import MoEArgs, RouterLossMixin, attach_router_losses
-from alignment.train_common import DataArgs, check_training_setup, load_student, take_trl_router_coef, train_and_save, trainer_refusals
+from alignment.train_common import DataArgs, check_training_setup, load_student, train_and_save, trainer_refusals
 
 
 @dataclass
@@ -29,7 +29,7 @@ RECIPE_CLASSES = (SFTDataArgs, SFTConfig, ModelConfig, MoEArgs)
 
 
 class MoESFTTrainer(RouterLossMixin, SFTTrainer):
-    """SFTTrainer plus JetMoE's router losses (see alignment.models.router)."""
+    """SFTTrainer plus router losses and router health (see alignment.models.router)."""
 
 
 def conversations(rows: list[dict], field: str, where: str) -> list[dict]:
@@ -46,7 +46,6 @@ def run(data_args: SFTDataArgs, training_args: SFTConfig, model_args: ModelConfi
     model, tokenizer, peft_config = load_student(model_args, data_args)
     dataset = Dataset.from_list(keep_answerable(rows, tokenizer, training_args, where, "sft"))
     eval_dataset = Dataset.from_list(keep_answerable(eval_rows, tokenizer, training_args, f"{where} (evaluation rows)", "sft")) if eval_rows else None
-    take_trl_router_coef(training_args, moe, model)
     trainer = build_trainer(model, tokenizer, peft_config, training_args, dataset, moe, eval_dataset)
     return train_and_save(trainer, "sft", started, rows=len(dataset), dropped_truncated=len(rows) - len(dataset))
 
@@ -54,7 +53,7 @@ def run(data_args: SFTDataArgs, training_args: SFTConfig, model_args: ModelConfi
 def build_trainer(model, tokenizer, peft_config, training_args: SFTConfig, dataset: Dataset, moe: MoEArgs, eval_dataset: Dataset | None = None) -> MoESFTTrainer:
     with trainer_refusals():
         trainer = MoESFTTrainer(model=model, args=training_args, train_dataset=dataset, eval_dataset=eval_dataset, processing_class=tokenizer, peft_config=peft_config)
-    attach_router_losses(trainer, moe)
+    attach_router_losses(trainer, moe, "sft")
     if trainer.padding_free:  # one row of many sequences: SDPA attends within each, not over the whole row
         use_packed_attention(trainer.model)
     return trainer

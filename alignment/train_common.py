@@ -151,13 +151,6 @@ def linear_4bit_config(model_args: ModelConfig, path: str):
     )
 
 
-def take_trl_router_coef(training_args, moe, model):
-    """TRL's `router_aux_loss_coef` crashes inside JetMoE: for JetMoE it becomes our load-balancing loss."""
-    if model.config.model_type == "jetmoe" and training_args.router_aux_loss_coef:
-        moe.moe_aux_loss_coef = moe.moe_aux_loss_coef or training_args.router_aux_loss_coef
-        training_args.router_aux_loss_coef = None
-
-
 def last_complete_checkpoint(output_dir: str) -> str | None:
     """The newest checkpoint written to its end: trainer_state.json is the last file the trainer writes into
     one. Those cut off while being written are removed, so that neither resuming nor rotation picks them."""

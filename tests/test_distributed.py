@@ -41,6 +41,9 @@ def test_sft_and_dpo_on_two_processes_match_one(micro_model, tmp_path):
         assert read_manifest(two)["world_size"] == 2 and read_manifest(one)["world_size"] == 1
         assert losses(two) == pytest.approx(losses(one), rel=1e-4), stage
         assert len(losses(one)) == 3
+        health = [json.loads((d / "router_health.json").read_text())["windows"] for d in (one, two)]  # summed over both ranks
+        assert [w["routers"]["L0.mlp"]["tokens"] for w in health[1]] == [w["routers"]["L0.mlp"]["tokens"] for w in health[0]]
+        assert sum((w["routers"]["L1.attn"]["load"] for w in health[1]), []) == pytest.approx(sum((w["routers"]["L1.attn"]["load"] for w in health[0]), []), abs=1e-3)
 
 
 def test_qlora_under_fsdp_stops_before_training(micro_model, tmp_path, monkeypatch, capsys):

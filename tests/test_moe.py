@@ -53,7 +53,7 @@ def test_router_losses_cover_both_routers_and_train_only_with_grad(micro_model):
     assert losses.records == []  # reference passes and generation are not counted
     model(**batch(model))
     extra, metrics = losses.pop()
-    assert {f"router/L{i}.{k}/entropy" for i in range(layers) for k in ("attn", "mlp")} <= set(metrics)
+    assert {f"router/L{i}.{k}/{m}" for i in range(layers) for k in ("attn", "mlp") for m in ("entropy", "max_load", "dead")} == set(losses.close_window(step=1))
     assert extra.item() == pytest.approx(0.01 * metrics["router/aux_loss"] + 0.001 * metrics["router/z_loss"], rel=1e-5)
     extra.backward()
     routers = {n: p.grad for n, p in model.named_parameters() if "router" in n}
