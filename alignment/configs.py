@@ -193,6 +193,12 @@ def check_values(values: dict, classes: tuple, where: str, flags=()):
             raise SmoeError(f"{value!r} is not {expected}", place, f"give {f.name} {expected}{default}{quote}")
 
 
+def _float_only(hint) -> bool:
+    """A float field (or optional float) that no int satisfies as such."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)] if typing.get_origin(hint) in (typing.Union, types.UnionType) else [hint]
+    return float in args and int not in args
+
+
 def build(values: dict, classes: tuple, where: str, flags=()) -> tuple:
     """Instantiate each dataclass from the keys it owns; keys may be shared (e.g. `seed`).
 
@@ -201,7 +207,9 @@ def build(values: dict, classes: tuple, where: str, flags=()) -> tuple:
     check_values(values, classes, where, flags)
     built = []
     for cls in classes:
-        own = {k: v for k, v in values.items() if k in field_names(cls)}
+        hints = _type_hints(cls)
+        # `0` for a float key: models' configs validate their float fields strictly (TRL copies router_aux_loss_coef into one)
+        own = {k: float(v) if type(v) is int and _float_only(hints[k]) else v for k, v in values.items() if k in field_names(cls)}
         try:
             built.append(cls(**own))
         except (ValueError, TypeError) as err:

@@ -113,3 +113,11 @@ def test_bad_bases_are_refused_naming_the_recipe(files, message, tmp_path):
     with pytest.raises(SmoeError, match=message) as err:
         read_yaml(tmp_path / "a.yaml")
     assert "a.yaml" in str(err.value)
+
+
+def test_a_whole_number_for_a_float_key_is_read_as_a_float(tmp_path):
+    """`router_aux_loss_coef: 0` reaches a Mixtral config, whose strict validation refuses an int."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("output_dir: x\nrouter_aux_loss_coef: 0\nlearning_rate: 1\nmax_steps: 3\nuse_cpu: true\n")
+    (_, args, _), _ = load_recipe(recipe, {}, (SFTDataArgs, SFTConfig, ModelConfig))
+    assert type(args.router_aux_loss_coef) is float and type(args.learning_rate) is float and type(args.max_steps) is int
