@@ -37,7 +37,10 @@ def load_yaml(text: str):
     return yaml.load(text, Loader=_Loader)
 
 
-def read_yaml(path: str | Path) -> dict:
+def read_yaml(path: str | Path, _seen: tuple = ()) -> dict:
+    """A recipe's keys. `base: file` (or a list of files, merged in order), relative to the recipe's
+    directory, names recipes this one extends: their keys first, this file's on top, a key replacing the
+    base's value whole. What comes back is the whole recipe, with no `base` left in it."""
     path = Path(path)
     if not path.is_file():
         raise SmoeError("recipe file not found", str(path), "pass an existing YAML file to --config")
@@ -47,7 +50,22 @@ def read_yaml(path: str | Path) -> dict:
         raise SmoeError(f"not valid YAML ({err})", str(path), "fix the YAML syntax at the line shown") from None
     if not isinstance(data, dict):
         raise SmoeError("a recipe must be a mapping of key: value", str(path))
-    return data
+    bases = data.pop("base", None)
+    if bases is None:
+        return data
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise SmoeError(f"base: {bases!r} is not a recipe path or a list of them", str(path), "write base: other.yaml (relative to this recipe's directory)")
+    merged = {}
+    for base in bases:
+        base_path = (path.parent / base).resolve()
+        if base_path in _seen or base_path == path.resolve():
+            raise SmoeError(f"base: {base} extends itself (through {' -> '.join(p.name for p in _seen)})", str(path), "remove the loop of base: keys")
+        if not base_path.is_file():
+            raise SmoeError(f"base: {base} does not exist ({base_path})", str(path), "name a recipe file relative to this recipe's directory")
+        merged.update(read_yaml(base_path, _seen + (path.resolve(),)))
+    return {**merged, **data}
 
 
 def _yaml_or_text(raw: str):

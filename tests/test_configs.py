@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 from trl import ModelConfig, SFTConfig
 
-from alignment.configs import load_recipe, parse_overrides
+from alignment.configs import load_recipe, parse_overrides, read_yaml, write_resolved
 from alignment.errors import SmoeError
 from alignment.sft import SFTDataArgs
 from alignment.stages import STAGES, recipe_classes
@@ -63,7 +63,7 @@ def stage_of(recipe: str) -> str:
     return next(stage for stage in ("sft", "dpo", *STAGES) if stage in Path(recipe).parts or stem.startswith(stage))
 
 
-@pytest.mark.parametrize("recipe", sorted(str(p.relative_to(ROOT)) for p in (ROOT / "recipes").rglob("*.yaml") if "accelerate" not in p.parts))
+@pytest.mark.parametrize("recipe", sorted(str(p.relative_to(ROOT)) for p in (ROOT / "recipes").rglob("*.yaml") if not {"accelerate", "parts"} & set(p.parts)))
 def test_every_shipped_recipe_parses(recipe, monkeypatch):
     import torch
 
@@ -82,3 +82,34 @@ def test_accelerate_configs_load(name, kind):
     assert config.distributed_type.name == kind and config.num_processes == 8
     if name == "fsdp":
         assert config.fsdp_config["fsdp_transformer_layer_cls_to_wrap"] == "JetMoeDecoderLayer"
+
+
+def test_a_recipe_extends_its_bases_in_order_and_is_written_whole(tmp_path):
+    (tmp_path / "parts").mkdir()
+    (tmp_path / "parts" / "common.yaml").write_text("learning_rate: 1.0e-5\nseed: 1\ndataset_mixture: {datasets: [{id: a}], seed: 0}\n")
+    (tmp_path / "parts" / "lora.yaml").write_text("use_peft: true\nlora_r: 8\nseed: 2\n")
+    (tmp_path / "full.yaml").write_text("base: parts/common.yaml\noutput_dir: x\nlearning_rate: 2.0e-5\n")
+    (tmp_path / "lora.yaml").write_text("base: [full.yaml, parts/lora.yaml]\nlora_r: 16\n")
+    values = read_yaml(tmp_path / "lora.yaml")
+    # later bases override earlier ones, the recipe overrides its bases; a mapping is replaced whole
+    assert values == {"learning_rate": 2.0e-5, "seed": 2, "dataset_mixture": {"datasets": [{"id": "a"}], "seed": 0}, "output_dir": "x", "use_peft": True, "lora_r": 16}
+    _, resolved = load_recipe(tmp_path / "lora.yaml", {"lora_r": 4, "use_cpu": True}, (SFTDataArgs, SFTConfig, ModelConfig))
+    write_resolved(resolved, tmp_path / "out")
+    assert read_yaml(tmp_path / "out" / "recipe.yaml") == {**values, "lora_r": 4, "use_cpu": True}  # the whole recipe, no base: left
+
+
+@pytest.mark.parametrize(
+    "files, message",
+    [
+        ({"a.yaml": "base: b.yaml\n", "b.yaml": "base: a.yaml\n"}, "extends itself"),
+        ({"a.yaml": "base: a.yaml\n"}, "extends itself"),
+        ({"a.yaml": "base: missing.yaml\n"}, "base: missing.yaml does not exist"),
+        ({"a.yaml": "base: {x: 1}\n"}, "is not a recipe path"),
+    ],
+)
+def test_bad_bases_are_refused_naming_the_recipe(files, message, tmp_path):
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    with pytest.raises(SmoeError, match=message) as err:
+        read_yaml(tmp_path / "a.yaml")
+    assert "a.yaml" in str(err.value)

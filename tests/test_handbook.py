@@ -3,7 +3,6 @@
 import json
 
 import pytest
-from datasets import Dataset, DatasetDict
 
 from alignment.cli import main
 from alignment.configs import read_yaml
@@ -11,18 +10,6 @@ from alignment.manifest import read_manifest
 
 # kept short for CI: one optimizer step of a tiny batch, on the CPU; everything else is the shipped recipe
 SHORT = ["--use_cpu", "true", "--max_steps", "1", "--logging_steps", "1", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1", "--max_length", "64", "--report_to", "none", "--save_strategy", "no"]
-
-
-@pytest.fixture(scope="module")
-def hub_copies(tmp_path_factory):
-    """Local copies in the public schemas: ultrachat_200k (train_sft) and ultrafeedback_binarized (train_prefs)."""
-    root = tmp_path_factory.mktemp("hub")
-    prompt = [{"role": "user", "content": "sort 3021"}]
-    chat = [{"prompt_id": str(i), "prompt": "sort 3021", "messages": prompt + [{"role": "assistant", "content": "Answer: 0123"}]} for i in range(8)]
-    prefs = [{"prompt_id": str(i), "prompt": "sort 3021", "chosen": prompt + [{"role": "assistant", "content": "Answer: 0123"}], "rejected": prompt + [{"role": "assistant", "content": "Answer: 0132"}], "score_chosen": 10.0, "score_rejected": 3.0} for i in range(8)]
-    DatasetDict({"train_sft": Dataset.from_list(chat), "test_sft": Dataset.from_list(chat[:2])}).save_to_disk(str(root / "ultrachat_200k"))
-    DatasetDict({"train_prefs": Dataset.from_list(prefs), "test_prefs": Dataset.from_list(prefs[:2])}).save_to_disk(str(root / "ultrafeedback_binarized"))
-    return root
 
 
 def with_paths(recipe: str, dataset: str) -> str:

@@ -10,6 +10,7 @@ from alignment.cli import main
 from alignment.manifest import read_manifest
 from alignment.models.jetmoe import load_causal_lm
 from alignment.models.packing import NAME, sequence_bounds, use_packed_attention
+from tests.test_fused_moe import tiny
 
 LENGTHS = (7, 30, 3, 18)
 
@@ -33,11 +34,12 @@ def test_sequence_bounds_from_restarting_positions():
     assert sequence_bounds(positions) == [[(0, 3), (3, 5), (5, 9)]]
 
 
+@pytest.mark.parametrize("family", ["jetmoe", "mixtral"])  # Mixtral's attention is grouped-query: 4 heads, 2 key-value heads
 @pytest.mark.parametrize("attention", ["sdpa", NAME])
-def test_packed_sequences_see_only_themselves(micro_model, attention):
+def test_packed_sequences_see_only_themselves(micro_model, attention, family):
     """Per-token log-probs of a padding-free batch (TRL's collator) equal each sequence run alone, to 1e-5;
     the same row without position ids (one long sequence) does not."""
-    model = load_causal_lm(micro_model).eval()
+    model = load_causal_lm(micro_model).eval() if family == "jetmoe" else tiny(family)
     model.config._attn_implementation = "sdpa"
     alone = torch.cat([label_log_probs(model, {"input_ids": torch.tensor([s]), "labels": torch.tensor([s])}) for s in sequences()])
     if attention == NAME:

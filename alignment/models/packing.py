@@ -18,6 +18,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from alignment.errors import SmoeError
+
 NAME = "sdpa_packed"
 
 
@@ -40,10 +42,13 @@ def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
     bounds = sequence_bounds(position_ids.expand(query.shape[0], -1))
     if all(len(row) == 1 for row in bounds):  # nothing packed: one batched causal call
         return sdpa_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling, **kwargs)
+    if kwargs.get("sliding_window") or kwargs.get("s_aux") is not None:
+        raise SmoeError("packing with sliding-window attention or attention sinks is not built", "recipe key packing", "set packing: false")
+    grouped = query.shape[1] != key.shape[1]  # grouped-query attention: fewer key-value heads
     rows = []
     for b, row in enumerate(bounds):
         pieces = [
-            F.scaled_dot_product_attention(query[b : b + 1, :, s:e], key[b : b + 1, :, s:e], value[b : b + 1, :, s:e], dropout_p=dropout, scale=scaling, is_causal=True)
+            F.scaled_dot_product_attention(query[b : b + 1, :, s:e], key[b : b + 1, :, s:e], value[b : b + 1, :, s:e], dropout_p=dropout, scale=scaling, is_causal=True, enable_gqa=grouped)
             for s, e in row
         ]
         rows.append(torch.cat(pieces, dim=2) if len(pieces) > 1 else pieces[0])
