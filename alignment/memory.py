@@ -32,6 +32,7 @@ them with saved_tensors_hooks on tiny models of each family) plus the gradients 
 """
 
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 import torch
 
@@ -64,7 +65,7 @@ def model_config(name: str, overrides: dict):
     from transformers import AutoConfig
 
     for key, (config_class, shape) in KNOWN.items():
-        if key in name.lower():  # a hub id (or a run directory named after the model): the published shape
+        if key in name.lower() and not Path(name).exists():  # a hub id, or a run not yet made, named after the model
             return getattr(transformers, config_class)(**{**shape, **overrides})
     name = root_model(name)  # an adapter directory (or chain): the architecture is its base model's
     try:
@@ -135,7 +136,10 @@ def lora_adapter(config, recipe: dict, quantized: bool) -> Adapter:
         lora.update(lora_target_modules=lora.get("lora_target_modules") or "all-linear", lora_dropout=0.0)
     model_args = ModelConfig(**{**lora, "use_peft": True})
     peft_config = expert_lora_config(get_peft_config(model_args), model := meta_model(config))
-    model = get_peft_model(model, peft_config)
+    try:
+        model = get_peft_model(model, peft_config)
+    except ValueError as err:  # what PEFT refuses here, the stage's trainer refuses too
+        raise SmoeError(f"LoRA cannot be applied as the recipe says ({str(err).splitlines()[0]})", "recipe key lora_target_modules", "name the layers to adapt, or all-linear (every attention projection and expert weight)") from None
     trainable = [p for p in model.parameters() if p.requires_grad]
     bnb_loaded = quantized and config.model_type != "jetmoe"  # train_common.load_student: BitsAndBytesConfig for all but JetMoE
     return Adapter(sum(p.numel() for p in trainable), 2 if bnb_loaded else trainable[0].element_size() if trainable else 4, lora_targets(peft_config))
