@@ -17,7 +17,7 @@ transformers' own rule. The rest is a model of what training keeps in memory, pe
                fp32 (PEFT upcasts them), except on a model loaded through transformers' 4-bit path,
                where TRL 1.16 casts them to bf16 (SFTTrainer / DPOTrainer, "_is_quantized_model")
   activations  with checkpointing: every layer's input (hidden x 2 B per token) + one layer recomputed
-               in full + the LM head. TRL 1.16's fused LM head (`add_fused_lm_head`) never builds the
+               in full + the LM head + every layer's router logits (the load-balancing loss). TRL 1.16's fused LM head (`add_fused_lm_head`) never builds the
                [tokens, vocabulary] logits: it projects tiles of 4,096 tokens x 32,768 entries (bf16
                under autocast) and keeps an fp32 gradient of the hidden states. DPO runs chosen and
                rejected together: twice the tokens; precomputed reference log-probs run once before
@@ -206,6 +206,14 @@ def fused_layer_bytes(config, tokens: int, masked: bool = False) -> int:
     return fused_layer_saved_bytes(config, tokens, masked) + backward
 
 
+def router_bytes(config, tokens: int) -> int:
+    """Every layer's router logits kept for the model's load-balancing loss (output_router_logits): bf16 as
+    the router returns them, the fp32 copy the loss concatenates, its softmax saved for backward."""
+    if config.model_type == "jetmoe":
+        return 0  # alignment.models.router's JetMoE losses: counted in the layer
+    return config.num_hidden_layers * tokens * num_experts(config) * (2 + 4 + 4)
+
+
 def layer_bytes(config, tokens: int, masked: bool = False) -> int:
     if config.model_type == "jetmoe":
         return jetmoe_layer_bytes(config, tokens)
@@ -257,6 +265,7 @@ def estimate(config, counts: dict, method: str, stage: str, seq_len: int, batch:
         activations = config.num_hidden_layers * tokens * config.hidden_size * 2 + layer + logits
     else:
         activations = config.num_hidden_layers * layer + logits
+    activations += router_bytes(config, tokens)
     parts = {"weights": weights, "gradients": gradients, "optimizer": optimizer, "activations": activations}
     parts["total"] = sum(parts.values())
     precompute = 0.0
@@ -269,6 +278,7 @@ def estimate(config, counts: dict, method: str, stage: str, seq_len: int, batch:
     result = {k: v / GIB for k, v in parts.items()}
     result["layer"] = layer / GIB
     result["logits"] = logits / GIB
+    result["routers"] = router_bytes(config, tokens) / GIB
     result["trainable_parameters"] = trainable
     result["parameters"] = total_params
     return result
@@ -312,5 +322,5 @@ def format_estimate(result: dict) -> str:
         mark = "  <- this recipe" if method == result["recipe_method"] else ""
         lines.append(f"{method:<8}{e['weights']:9.2f}{e['gradients']:8.2f}{e['optimizer']:8.2f}{e['activations']:8.2f}{e['total']:8.2f}{e['with_margin']:9.2f}   {e['trainable_parameters'] / 1e6:,.1f}M{mark}")
     chosen = result["estimates"][result["recipe_method"]]
-    lines.append(f"activations of this recipe: one layer {chosen['layer']:.2f}, LM head {chosen['logits']:.2f}" + (f"; reference log-probs before training peak at {chosen['precompute']:.2f}" if chosen["precompute"] else ""))
+    lines.append(f"activations of this recipe: one layer {chosen['layer']:.2f}, LM head {chosen['logits']:.2f}, router logits {chosen['routers']:.2f}" + (f"; reference log-probs before training peak at {chosen['precompute']:.2f}" if chosen["precompute"] else ""))
     return "\n".join(lines)

@@ -1,6 +1,8 @@
 """estimate-memory: exact parameter counts, the JetMoE-8B figures, the fused-expert families' recipes
 against their cards, LoRA counted as the stages create it, the layer model against saved tensors, the CLI."""
 
+import re
+
 import pytest
 import torch
 import transformers
@@ -58,6 +60,8 @@ def test_family_qlora_recipes_fit_their_cards(recipe, card):
     assert adapter.bytes_each == 2  # TRL casts the adapters of a model loaded in 4-bit to bf16
     assert e["gradients"] == pytest.approx(adapter.parameters * 2 / GIB) and e["optimizer"] == pytest.approx(2 * e["gradients"])
     assert counts["linear_4bit"] > 0 and adapter.targets["target_parameters"]  # attention in 4-bit, LoRA on the experts
+    header = re.search(r"= ([\d.]+) GiB; ([\d.]+) with margin", open(f"recipes/{recipe}/qlora.yaml").read())
+    assert (float(header[1]), float(header[2])) == (round(e["total"], 2), round(e["with_margin"], 2))  # the recipe's comment is today's estimate
 
 
 def test_published_shapes():
