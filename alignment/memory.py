@@ -198,11 +198,17 @@ def fused_layer_saved_bytes(config, tokens: int, masked: bool) -> int:
     return per_token * tokens
 
 
+def dequantized_expert_bytes(config) -> int:
+    """The bf16 copy of NF4 expert weights alive at once: alignment.models.quant multiplies through
+    bitsandbytes' matmul_4bit one expert at a time, which dequantises that expert's gate/up weight."""
+    return 2 * 2 * expert_width(config) * config.hidden_size
+
+
 def fused_layer_bytes(config, tokens: int, masked: bool = False) -> int:
     """A layer's saved tensors plus what its backward computes at once: the gradients of the expert input
-    and of the gate/up output for every top-k copy, and one expert's weight dequantised (bitsandbytes)."""
+    and of the gate/up output for every top-k copy, and the expert weights dequantised for the product."""
     h, k, width = config.hidden_size, config.num_experts_per_tok, expert_width(config)
-    backward = 2 * k * (h + 2 * width) * tokens + 2 * 2 * width * h
+    backward = 2 * k * (h + 2 * width) * tokens + dequantized_expert_bytes(config)
     return fused_layer_saved_bytes(config, tokens, masked) + backward
 
 
@@ -231,7 +237,7 @@ def no_grad_layer_bytes(config, tokens: int) -> int:
     if config.model_type == "jetmoe":
         return 2 * tokens * (4 * h + k * (2 * h + 3 * config.intermediate_size))
     width = expert_width(config)
-    return 2 * tokens * (4 * h + k * (h + max(3 * width, 3 * h))) + 2 * 2 * width * h
+    return 2 * tokens * (4 * h + k * (h + max(3 * width, 3 * h))) + dequantized_expert_bytes(config)
 
 
 def lm_head_bytes(config, tokens: int, gradients: bool) -> int:
