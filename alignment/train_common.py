@@ -144,8 +144,6 @@ def linear_4bit_config(model_args: ModelConfig, path: str):
     routers and lm_head stay in full precision. 3-D fused expert weights are not nn.Linear: `quantize_fused_experts` takes them."""
     from transformers import BitsAndBytesConfig
 
-    if adapter_base(path) is not None:
-        raise SmoeError("4-bit loading of an adapter directory works for JetMoE only", f"model_name_or_path {path}", "merge it into a model directory first, then train QLoRA on that")
     dtype = model_args.dtype if model_args.dtype not in (None, "auto") else "bfloat16"
     print(f"note: load_in_4bit quantizes the nn.Linear layers of {path} to {model_args.bnb_4bit_quant_type}; routers and lm_head keep {dtype}; fused 3-D experts go to NF4 per expert after loading", file=sys.stderr)
     return BitsAndBytesConfig(

@@ -88,11 +88,8 @@ def test_handbook_recipes_run_as_published_with_only_paths_changed(family, metho
     assert "'overwrite_output_dir' is ignored" in err and ("'max_seq_length' is now called 'max_length'" in err) == (method == "full")
     logs = read_manifest(sft)["log_history"]
     assert read_manifest(sft)["rows"] == 8 and any("eval_loss" in h for h in logs)  # 8 + 2 rows, 2 held out
-    if method == "qlora":
-        assert "quantizes the nn.Linear layers" in err
-        start = str(tiny_bases / family)  # QLoRA from a merged model directory: an adapter chain is not 4-bit-loadable here
-    else:
-        start = str(sft)
+    assert ("quantizes the nn.Linear layers" in err) == (method == "qlora")
+    start = str(sft)  # dDPO from the dSFT output, an adapter for QLoRA: merged into the 4-bit base
     recipe = f"{HANDBOOK}/{family}/dpo_{method}.yaml"
     args = localised(recipe, str(hub_copies / "ultrafeedback_binarized"), model_name_or_path=start, output_dir=dpo)
     if read_yaml(recipe)["torch_dtype"] == "float16":  # the published dpo QLoRA dtype; float16 does not train on a CPU

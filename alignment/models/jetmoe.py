@@ -82,7 +82,8 @@ def load_causal_lm(path: str, dtype: str | None = None, _depth: int = 0, **kwarg
                 dequantize_experts(model)
             config = expert_lora_config(LoraConfig.from_pretrained(path), model)  # expert weights through the grouped path
             model = PeftModel.from_pretrained(model, path, config=config).merge_and_unload()
-            model.requires_grad_(True)  # PEFT froze the base; a full fine-tune of the merged model trains all of it
+            for p in model.parameters():  # PEFT froze the base; a full fine-tune of the merged model trains all of it (4-bit weights never train)
+                p.requires_grad_(p.is_floating_point())
             model.name_or_path = model.config.name_or_path = str(Path(path).resolve())  # an adapter trained on it records the chain, from any directory
         elif is_quantized_checkpoint(path):
             model = load_quantized(path, **kwargs)
