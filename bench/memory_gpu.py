@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 from alignment.memory import GIB, MemoryArgs, OLMOE_1B_7B, run_estimate  # noqa: E402
 
 RECIPE = ROOT / "recipes/olmoe-1b-7b/sft/qlora.yaml"
-TINY = dict(OLMOE_1B_7B, hidden_size=128, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, num_experts=8, num_experts_per_tok=2)
+TINY = dict(OLMOE_1B_7B, vocab_size=512, hidden_size=128, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, num_experts=8, num_experts_per_tok=2)
 
 
 def write_checkpoint(path: Path, tiny: bool):
