@@ -123,9 +123,11 @@ def olmoe(tiny: bool, keep: str | None):
 
 
 def jetmoe(layers: int, seq: int):
-    """JetMoE-8B built in memory (no loading path), NF4 banks, expert LoRA r16, dSFT and dDPO steps."""
+    """JetMoE-8B built in memory (no loading path), NF4 banks, expert LoRA r16, dSFT and dDPO steps, the
+    loss through TRL's fused LM head as the trainers compute it (on the CPU only as a check of the script)."""
     from peft import LoraConfig, get_peft_model
     from transformers import JetMoeConfig, JetMoeForCausalLM
+    from trl.trainer.utils import add_fused_lm_head
 
     from alignment.memory import JETMOE_8B, estimate, lora_adapter, parameter_counts
     from alignment.models.experts import use_fast_experts
@@ -135,10 +137,11 @@ def jetmoe(layers: int, seq: int):
     use_fast_experts()
     config = JetMoeConfig(**{**JETMOE_8B, "num_hidden_layers": layers})
     torch.manual_seed(0)
-    with torch.device("cuda"):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.device(device):
         model = JetMoeForCausalLM(config).to(torch.bfloat16)
     quantize_experts(model, torch.bfloat16)
-    torch.cuda.empty_cache()
+    add_fused_lm_head(model)  # before PEFT wraps it, as SFTTrainer / DPOTrainer do
     model.supports_gradient_checkpointing = True
     model.config._attn_implementation = "sdpa"
     targets = ["kv_proj", "input_linear", "output_linear"]
@@ -148,21 +151,25 @@ def jetmoe(layers: int, seq: int):
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     counts, adapter = parameter_counts(config), lora_adapter(config, {"use_peft": True, "lora_r": 16, "lora_target_modules": targets}, quantized=True)
-    results = {"layers": layers, "seq": seq, "weights_gib": torch.cuda.memory_allocated() / GIB}
+    cuda = device == "cuda"
+    results = {"layers": layers, "seq": seq, "weights_gib": torch.cuda.memory_allocated() / GIB if cuda else None}
     for stage, batch in (("sft", 1), ("dpo", 2)):
-        ids = torch.randint(0, config.vocab_size, (batch, seq), device="cuda")
+        ids = torch.randint(0, config.vocab_size, (batch, seq), device=device)
         for _ in range(2):  # the second step is measured: optimizer states exist, the allocator has settled
-            torch.cuda.reset_peak_memory_stats()
-            if stage == "dpo":  # the reference: the same model with its adapter off, no graph
-                with torch.no_grad(), model.disable_adapter():
-                    model(input_ids=ids).logits.float().log_softmax(-1)
-            model(input_ids=ids, labels=ids).loss.backward()
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            with torch.autocast(device, dtype=torch.bfloat16):
+                if stage == "dpo":  # the reference: the same model with its adapter off, no graph
+                    with torch.no_grad(), model.disable_adapter():
+                        model(input_ids=ids, labels=ids, fused_lm_head=True)
+                model(input_ids=ids, labels=ids, fused_lm_head=True).loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            torch.cuda.synchronize()
+            if cuda:
+                torch.cuda.synchronize()
         predicted = estimate(config, counts, "qlora", stage, seq, 1, True, adapter)
-        measured = torch.cuda.max_memory_allocated() / GIB
-        results[stage] = {"measured_peak_gib": round(measured, 2), "predicted_gib": round(predicted["total"], 2), "ratio": round(measured / predicted["total"], 3), "predicted_with_margin_gib": round(predicted["with_margin"], 2)}
+        measured = torch.cuda.max_memory_allocated() / GIB if cuda else None
+        results[stage] = {"measured_peak_gib": measured and round(measured, 2), "predicted_gib": round(predicted["total"], 2), "ratio": measured and round(measured / predicted["total"], 3), "predicted_with_margin_gib": round(predicted["with_margin"], 2)}
     print(json.dumps(results, indent=2))
 
 
