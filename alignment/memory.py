@@ -277,7 +277,7 @@ def estimate(config, counts: dict, method: str, stage: str, seq_len: int, batch:
     precompute = 0.0
     if stage == "dpo" and precomputed_reference:  # before training: no gradients, no optimizer state yet
         ref_tokens = seq_len * (precompute_batch or batch) * pairs
-        precompute = weights + no_grad_layer_bytes(config, ref_tokens) + lm_head_bytes(config, ref_tokens, gradients=False)
+        precompute = weights + no_grad_layer_bytes(config, ref_tokens) + lm_head_bytes(config, ref_tokens, gradients=False) + router_bytes(config, ref_tokens)
         parts["total"] = max(parts["total"], precompute)
     parts["precompute"] = precompute
     parts["with_margin"] = 1.1 * parts["total"] + 0.5 * GIB
@@ -316,7 +316,7 @@ def run_estimate(recipe: dict, args: MemoryArgs) -> dict:
     precomputed = recipe.get("precompute_ref_log_probs", False)
     settings = dict(precomputed_reference=precomputed, precompute_batch=recipe.get("precompute_ref_batch_size"), nested_quant=recipe.get("use_bnb_nested_quant", False))
     table = {m: estimate(config, counts, m, stage, seq_len, batch, checkpointing, adapter, **settings) for m in ("full", "lora", "qlora")}
-    return {"stage": stage, "seq_len": seq_len, "batch": batch, "checkpointing": checkpointing, "lora_r": recipe.get("lora_r", 16), "recipe_method": chosen, "estimates": table, "counts": counts, "adapter": adapter}
+    return {"stage": stage, "seq_len": seq_len, "batch": batch, "checkpointing": checkpointing, "lora_r": recipe.get("lora_r", 16), "recipe_method": chosen, "estimates": table, "config": config, "counts": counts, "adapter": adapter}
 
 
 def format_estimate(result: dict) -> str:
