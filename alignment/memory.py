@@ -182,8 +182,9 @@ def fused_layer_saved_bytes(config, tokens: int, masked: bool) -> int:
       attention     queries, keys, values after rotary (keys and values repeated to every head when a padding
                     mask makes SDPA leave its GQA path), SDPA output and its fp32 log-sum-exp, o_proj's input
       router        fp32 probabilities
-      experts       for each of the top-k copies: the gathered input, gate/up output (2 x width), the GLU
-                    product, the expert output (scaled by the routing weight)."""
+      experts       for each of the top-k copies: the gathered input, gate/up output (2 x width), the
+                    activation of the gate and its product with up (the down projection's input), the
+                    expert output (scaled by the routing weight)."""
     h, k, width = config.hidden_size, config.num_experts_per_tok, expert_width(config)
     heads, kv_heads, head_dim = attention_shape(config)
     q, kv = heads * head_dim, (heads if masked else kv_heads) * head_dim
