@@ -135,6 +135,10 @@ def model_type(path: str) -> str | None:
         return None  # load_causal_lm says what is wrong with the path
 
 
+# kept in the model's dtype by 4-bit loading (transformers' rule: a suffix, or a name from the start); estimate-memory reads it too
+LINEAR_4BIT_SKIP = ["gate", "router", "lm_head"]
+
+
 def linear_4bit_config(model_args: ModelConfig, path: str):
     """transformers' own 4-bit loading (NF4 nn.Linear layers) for models without JetMoE expert banks;
     routers and lm_head stay in full precision. 3-D fused expert weights are not nn.Linear: `quantize_fused_experts` takes them."""
@@ -147,7 +151,7 @@ def linear_4bit_config(model_args: ModelConfig, path: str):
         bnb_4bit_quant_type=model_args.bnb_4bit_quant_type,
         bnb_4bit_use_double_quant=model_args.use_bnb_nested_quant,
         bnb_4bit_compute_dtype=getattr(torch, dtype),
-        llm_int8_skip_modules=["gate", "router", "lm_head"],
+        llm_int8_skip_modules=list(LINEAR_4BIT_SKIP),
     )
 
 
