@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset
-from transformers import AutoModelForCausalLM, JetMoeConfig, JetMoeForCausalLM, TrainerCallback
+from transformers import AutoConfig, AutoModelForCausalLM, TrainerCallback
 from trl import DPOConfig, DPOTrainer, ModelConfig, SFTConfig, SFTTrainer
 
 from alignment import dpo, sft
@@ -44,18 +44,26 @@ from alignment.models.router import MoEArgs
 from alignment.models.tiny import build_tokenizer
 from alignment.train_common import DataArgs, load_student
 
-# model shapes: JetMoE config keys; `mid` is the 69M-parameter model of our CPU measurements, `micro` a smoke test
+# model shapes: config keys; `mid` is the 69M-parameter JetMoE of our CPU measurements, `micro` a smoke test,
+# `mixtral` Mixtral-8x7B's published shape (transformers' fused experts), `mixtral-micro` its smoke test
 SHAPES = {
     "micro": dict(hidden_size=64, num_hidden_layers=2, num_key_value_heads=2, kv_channels=16, intermediate_size=64, num_local_experts=8, num_experts_per_tok=2),
     "mid": dict(hidden_size=512, num_hidden_layers=4, num_key_value_heads=8, kv_channels=64, intermediate_size=1024, num_local_experts=8, num_experts_per_tok=2),
     "jetmoe-8b": JETMOE_8B,
+    "mixtral": dict(model_type="mixtral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2, vocab_size=32000, rope_theta=1e6, tie_word_embeddings=False),
+    "mixtral-micro": dict(model_type="mixtral", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, tie_word_embeddings=False),
 }
 # per device: dtype, sequence, batch (sequences: sft rows, dpo pairs x 2), torch threads
 DEVICE_DEFAULTS = {"cpu": dict(dtype="float32", seq=256, batch=8, threads=2), "cuda": dict(dtype="bfloat16", seq=2048, batch=4, threads=None)}
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense, no sparsity
 MODES = ["sft-full", "sft-lora", "sft-qlora", "dpo-full", "dpo-lora", "dpo-qlora"]
-LORA = dict(r=16, alpha=32, targets=["kv_proj", "input_linear", "output_linear"])
-BANKS = ["mlp.input_linear.weight", "mlp.output_linear.weight", "experts.input_linear.weight", "experts.output_linear.weight"]
+# LoRA targets per family, as (our lora_target_modules, stock PEFT target_modules, stock PEFT target_parameters):
+# the same weights on both sides, every expert of every bank included
+LORA = dict(r=16, alpha=32)
+LORA_TARGETS = {
+    "jetmoe": (["kv_proj", "input_linear", "output_linear"], ["kv_proj"], ["mlp.input_linear.weight", "mlp.output_linear.weight", "experts.input_linear.weight", "experts.output_linear.weight"]),
+    "mixtral": (["q_proj", "k_proj", "v_proj", "o_proj", "experts"], ["q_proj", "k_proj", "v_proj", "o_proj"], ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]),
+}
 LOSS_TOLERANCE = {"full": 1e-6, "lora": 1e-5, "qlora": None}  # fp32; stock and project quantise differently
 BF16_LOSS_TOLERANCE = 2e-2  # bf16 sums in another order in grouped matmuls than in one matmul per expert
 
@@ -63,14 +71,14 @@ BF16_LOSS_TOLERANCE = 2e-2  # bf16 sums in another order in grouped matmuls than
 # ---------- model, data, FLOPs
 
 
-def build_model_dir(shape: str, layers: int | None, out: Path, device: str) -> tuple[JetMoeConfig, int]:
+def build_model_dir(shape: str, layers: int | None, out: Path, device: str):
     tokenizer = build_tokenizer()
     keys = {"tie_word_embeddings": True, **SHAPES[shape], **({"num_hidden_layers": layers} if layers else {})}
     keys.setdefault("vocab_size", len(tokenizer))
-    config = JetMoeConfig(**keys, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, initializer_range=0.02)
+    config = AutoConfig.for_model(keys.pop("model_type", "jetmoe"), **keys, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, initializer_range=0.02)
     torch.manual_seed(0)
     with torch.device(device):  # random init of billions of weights is much faster on a GPU
-        model = JetMoeForCausalLM(config)
+        model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return config, sum(p.numel() for p in model.parameters())
@@ -94,31 +102,46 @@ def dpo_rows(n: int, seq: int, seed: int = 0) -> Dataset:
     return Dataset.from_list([{"prompt": text(prompt_len), "chosen": text(seq - prompt_len - 1), "rejected": text(seq - prompt_len - 1)} for _ in range(n)])
 
 
+def attention_width(config) -> int:
+    """Query heads x head dimension (JetMoE: top-k attention experts of kv-heads x kv_channels each)."""
+    if config.model_type == "jetmoe":
+        return config.num_experts_per_tok * config.num_key_value_heads * config.kv_channels
+    return config.num_attention_heads * (getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+
+
 def active_params(config) -> int:
-    """Parameters one token runs through (embedding lookup excluded; the tied head counted once)."""
-    h, k, inner = config.hidden_size, config.num_experts_per_tok, config.kv_channels * config.num_key_value_heads
-    attention = 2 * h * inner + k * 2 * h * inner  # kv_proj, then query and output experts
+    """Parameters one token runs through (embedding lookup excluded; the output layer counted once)."""
+    h, k, queries = config.hidden_size, config.num_experts_per_tok, attention_width(config)
+    if config.model_type == "jetmoe":
+        attention = 2 * h * queries // k + 2 * h * queries  # kv_proj, then query and output experts
+        routers = 2 * h * config.num_local_experts
+    else:  # q, k, v, o
+        kv = config.num_key_value_heads * queries // config.num_attention_heads
+        attention = 2 * h * queries + 2 * h * kv
+        routers = h * config.num_local_experts
     mlp = k * 3 * h * config.intermediate_size
-    routers = 2 * h * config.num_local_experts
     return config.num_hidden_layers * (attention + mlp + routers) + h * config.vocab_size
 
 
 def train_flops_per_token(config, seq: int, adapters: bool) -> float:
     """6 x active parameters (full) or 4 x (frozen base: no weight gradients), plus attention scores and
     their weighted sum over the whole sequence (the PaLM convention), forward and backward."""
-    heads_x_dim = config.num_experts_per_tok * config.num_key_value_heads * config.kv_channels
-    attention = 3 * 4 * seq * heads_x_dim * config.num_hidden_layers
+    attention = 3 * 4 * seq * attention_width(config) * config.num_hidden_layers
     return (4 if adapters else 6) * active_params(config) + attention
 
 
 # ---------- the two sides
 
 
+def family(model_dir) -> str:
+    return AutoConfig.from_pretrained(model_dir).model_type
+
+
 def lora_args(mode: str, dtype: str, model_dir: str) -> ModelConfig:
     kind = mode.split("-")[1]
     return ModelConfig(
         model_name_or_path=model_dir, dtype=dtype, attn_implementation="sdpa", use_peft=kind != "full",
-        lora_r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=0.0, lora_target_modules=LORA["targets"], load_in_4bit=kind == "qlora",
+        lora_r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=0.0, lora_target_modules=LORA_TARGETS[family(model_dir)][0], load_in_4bit=kind == "qlora",
     )
 
 
@@ -131,12 +154,15 @@ def stock_model(mode: str, dtype: str, model_dir: str, device: str):
         # the 8-wide routers do not fit bitsandbytes' CPU blocks; they stay in full precision, as in our NF4 path
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=getattr(torch, dtype), llm_int8_skip_modules=["router", "lm_head"])
         kwargs["device_map"] = {"": 0} if device == "cuda" else None  # bitsandbytes quantises on the device it loads to
+    if family(model_dir) != "jetmoe":
+        kwargs["experts_implementation"] = "grouped_mm"  # transformers' fastest stock path for fused experts
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype), attn_implementation="sdpa", **kwargs)
     peft_config = None
     if not mode.endswith("full"):
         from peft import LoraConfig
 
-        peft_config = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=0.0, target_modules=["kv_proj"], target_parameters=BANKS, task_type="CAUSAL_LM")
+        _, modules, parameters = LORA_TARGETS[family(model_dir)]
+        peft_config = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=0.0, target_modules=modules, target_parameters=parameters, task_type="CAUSAL_LM")
     return model, peft_config
 
 
@@ -200,23 +226,26 @@ def build_trainer(mode: str, side: str, args, data: Dataset):
 
 
 def same_initial_adapters(stock, project):
-    """Copy the stock adapters' random A (and B) factors into ours, so both start from the same model."""
-    ours = dict(project.model.named_parameters())
-    copied = 0
+    """Copy the stock adapters' random A (and B) factors into ours, so both start from the same model.
+    Every factor of ours must receive one: otherwise the two sides would not train the same weights."""
+    ours = {name: p for name, p in project.model.named_parameters() if "lora_" in name}
+    copied = set()
     with torch.no_grad():
         for name, module in stock.model.named_modules():
             if "default" not in getattr(module, "lora_A", {}):
                 continue
-            a, b = module.lora_A["default"].weight, module.lora_B["default"].weight
-            if hasattr(module, "num_experts"):  # PEFT target_parameters: A [E*r, in], B [out, r*E]
-                e = module.num_experts
-                a, b = a.reshape(e, -1, a.shape[-1]), b.reshape(b.shape[0], -1, e).permute(2, 0, 1)
-            for factor, value in (("lora_A", a), ("lora_B", b)):
-                key = f"{name}.{factor}.default.weight"
-                if key in ours:
-                    ours[key].copy_(value.to(ours[key].dtype))
-                    copied += 1
-    return copied
+            for factor in ("lora_A", "lora_B"):
+                key, value = f"{name}.{factor}.default.weight", getattr(module, factor)["default"].weight
+                if key not in ours:
+                    continue
+                if ours[key].dim() == 3:  # our JetMoE expert LoRA, A [E, r, in] and B [E, out, r], from PEFT's A [E*r, in] and B [out, r*E]
+                    e = module.num_experts
+                    value = value.reshape(e, -1, value.shape[-1]) if factor == "lora_A" else value.reshape(value.shape[0], -1, e).permute(2, 0, 1)
+                ours[key].copy_(value.to(ours[key].dtype))
+                copied.add(key)
+    if copied != set(ours):
+        raise SystemExit(f"error: the stock and project adapters differ: ours without a stock counterpart: {sorted(set(ours) - copied)[:4]}")
+    return len(copied)
 
 
 class StepTimer(TrainerCallback):
@@ -351,6 +380,7 @@ def chat_lengths(n: int, low: int = 20, high: int = 2000, seed: int = 0) -> list
 
 def per_token_log_probs(model, batch: dict) -> torch.Tensor:
     """Log-probabilities of the batch's labels at the positions whose label is not -100, in order."""
+    batch = {k: v.to(model.device) for k, v in batch.items()}  # the collator builds its tensors on the CPU
     inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
     with torch.no_grad():
         logits = model(**inputs, use_cache=False).logits[:, :-1].float()
@@ -380,7 +410,7 @@ def run_packing(args, config, conversations: int = 24, max_length: int = 2048) -
         trainer.train()
         seconds[name] = sum(timer(trainer).times)
         if name == "packed":  # the same conversations, padded and packed: per-token losses must agree
-            model.eval()
+            model.eval().float()  # compared in fp32, so that the check sees the layout and not bf16 rounding
             rows = [{"input_ids": r} for r in data[: args.batch]["input_ids"]]
             padded = per_token_log_probs(model, DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id)(rows))
             packed = per_token_log_probs(model, DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=True)(rows))
