@@ -107,3 +107,17 @@ def test_lora_dpo_with_precomputed_reference_equals_reference_pass(micro_model, 
     assert abs(runs["true"][-1][1]) > 1e-3  # the policy has moved away from the reference by the last step
     for (loss_on, margin_on), (loss_pre, margin_pre) in zip(runs["false"], runs["true"]):
         assert loss_pre == pytest.approx(loss_on, abs=1e-5) and margin_pre == pytest.approx(margin_on, abs=1e-5)
+
+
+def test_packed_attention_with_fewer_key_value_heads():
+    """Grouped-query attention (Mixtral: 4 query heads share 2 key/value heads) packed: each sequence sees only itself."""
+    from transformers import MixtralConfig
+
+    torch.manual_seed(0)
+    config = MixtralConfig(vocab_size=260, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_config(config).eval()
+    alone = torch.cat([label_log_probs(model, {"input_ids": torch.tensor([s]), "labels": torch.tensor([s])}) for s in sequences()])
+    assert use_packed_attention(model)
+    packed = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)([{"input_ids": s} for s in sequences()])
+    with torch.no_grad():
+        assert (label_log_probs(model, packed) - alone).abs().max().item() < 1e-5

@@ -40,10 +40,10 @@ def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
     bounds = sequence_bounds(position_ids.expand(query.shape[0], -1))
     if all(len(row) == 1 for row in bounds):  # nothing packed: one batched causal call
         return sdpa_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling, **kwargs)
-    rows = []
+    rows, grouped_query = [], query.shape[1] != key.shape[1]  # fewer key/value heads than query heads (Mixtral, Llama)
     for b, row in enumerate(bounds):
         pieces = [
-            F.scaled_dot_product_attention(query[b : b + 1, :, s:e], key[b : b + 1, :, s:e], value[b : b + 1, :, s:e], dropout_p=dropout, scale=scaling, is_causal=True)
+            F.scaled_dot_product_attention(query[b : b + 1, :, s:e], key[b : b + 1, :, s:e], value[b : b + 1, :, s:e], dropout_p=dropout, scale=scaling, is_causal=True, enable_gqa=grouped_query)
             for s, e in row
         ]
         rows.append(torch.cat(pieces, dim=2) if len(pieces) > 1 else pieces[0])
