@@ -1,8 +1,9 @@
 """Training throughput against stock TRL + transformers + PEFT on JetMoE, side by side in one run.
 
-usage: python bench/train_throughput.py [--device cpu|cuda] [--shape micro|mid|jetmoe-8b] [--layers N] [--seq N]
-           [--batch N] [--steps N] [--rounds N] [--modes sft-full,sft-lora,...,packing] [--json PATH]
-           [--markdown PATH] [--readme README.md]      or: --from-json RUN.json ... --readme README.md
+usage: python bench/train_throughput.py [--device cpu|cuda] [--shape micro|mid|jetmoe-8b|mixtral|mixtral-micro] [--layers N]
+           [--seq N] [--batch N] [--steps N] [--rounds N] [--modes sft-full,sft-lora,...,packing] [--model-dir DIR]
+           [--profile] [--json PATH] [--markdown PATH] [--readme README.md]
+       or: --from-json RUN.json ... --readme README.md      (bench/gpu_run.sh: the whole GPU session)
 
 For each mode (sft / dpo x full / lora / qlora) two trainers train the same random-initialised model on the
 same data with the same seed and batch: --steps warm-up steps each (not timed; their losses are compared),
@@ -11,13 +12,19 @@ of adjacent steps, so that the load of a shared machine falls on both sides alik
   stock    TRL's SFTTrainer / DPOTrainer on transformers' own JetMoE experts (the per-expert loop), LoRA
            through PEFT `target_parameters` on the expert banks, 4-bit through transformers' bitsandbytes path;
            no activation checkpointing (JetMoE refuses it in transformers), so the project runs without it too.
+           Mixtral shapes: transformers' fused experts with `experts_implementation="grouped_mm"`, LoRA through
+           PEFT `target_parameters` on gate_up_proj / down_proj plus q/k/v/o.
   project  our stage set-up: `alignment.train_common.load_student` and our trainers with the recipe settings
-           that pay: grouped experts, expert LoRA, NF4 experts, padding-free batches with attention inside
-           each sequence, reference log-probs computed once before training (dpo).
+           that pay: grouped experts and MoE layers without scatters, expert LoRA (x A then B per expert in
+           the tokens' dtype), NF4 experts, padding-free batches with attention inside each sequence,
+           reference log-probs computed once before training (dpo).
+Both sides train the same weights (every stock adapter factor is copied into a project one, or the run
+stops), on the same rows, with TRL's fused LM head (the [tokens, vocabulary] logits are never built whole).
 Printed per mode: tokens/s (sft) or pairs/s (dpo) of each side and their ratio, peak GPU memory, model
 FLOPs utilisation (FLOPs by formula: 6 x active parameters per token for full fine-tuning, 4 x for a frozen
 base with adapters, plus attention; peak from --peak-tflops) and the largest difference between the two
-sides' warm-up losses (fp32 full: 1e-6, LoRA with the same initial factors: 1e-5). With `packing` in
+sides' warm-up losses (fp32 full: 1e-6, LoRA with the same initial factors: 1e-5; bf16: the first step's
+loss, see BF16_LOSS_TOLERANCE). With `packing` in
 --modes it also prints the project's sft on chat-like mixed lengths (20-2,000 tokens), padded batches
 against packed rows: real tokens/s, and the per-token log-probs of both layouts (equal to 1e-5).
 """
