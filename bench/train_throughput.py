@@ -73,10 +73,11 @@ LORA_TARGETS = {
 }
 LOSS_TOLERANCE = {"full": 1e-6, "lora": 1e-5, "qlora": None}  # fp32, every warm-up step; stock and project quantise differently
 # bf16: the first step's loss (the forward before any update; grouped matmuls sum in another order than one
-# matmul per expert). Later steps are printed, not judged: one AdamW step of lr 1e-5 on bf16 weights changes
-# only the weights whose update survives rounding to bf16, so last-bit differences in the gradients decide
-# which weights move, and DPO's summed log-prob margins (0.69 -> 2.9 in one step at the JetMoE-8B shape)
-# amplify that. In fp32 (CPU) the same comparison holds at 1e-6 over every step.
+# matmul per expert). Later steps are printed, not judged: AdamW's first step moves each weight by about
+# +-lr whatever its gradient's size, so gradient entries near zero whose sign differs in the last bits move
+# by the full step, on bf16 weights only updates that survive rounding move at all, and DPO's summed log-prob
+# margins (0.69 -> 2.9 in one step at the JetMoE-8B shape) amplify that. In fp32 the comparison holds at
+# 1e-6 over every step.
 BF16_LOSS_TOLERANCE = 2e-2
 
 
