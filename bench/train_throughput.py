@@ -547,7 +547,7 @@ def main():
         args.work, args.model_dir = Path(tmp), Path(tmp) / "model"
         args.model_dir = args.model_dir_arg or args.model_dir
         config, n_params = build_model_dir(args.shape, args.layers, args.model_dir, args.device, args.dtype)
-        print(f"{device_name}; torch {torch.__version__}; JetMoE {args.shape}: {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
+        print(f"{device_name}; torch {torch.__version__}; {model_name(args.shape)}: {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
               f"vocab {config.vocab_size}, {active_params(config) / 1e6:.1f}M active parameters of {n_params / 1e6:.1f}M; {args.dtype}, seq {args.seq}, "
               f"batch {args.batch} sequences (dpo: {batch_of('dpo', args)} pairs), {args.steps} warm-up steps, {args.rounds} timed steps per side", flush=True)
         results = []
@@ -562,10 +562,14 @@ def main():
     write_outputs(args, [{"setting": setting, "results": results}])
 
 
+def model_name(shape: str) -> str:
+    return f"Mixtral-style {shape}" if shape.startswith("mixtral") else f"JetMoE {shape}"
+
+
 def describe(setting: dict) -> str:
     pairs = max(1, setting["batch"] // 2)
     command = f": `{setting['command']}`" if "command" in setting else ""
-    return (f"{setting['device']}, JetMoE {setting['shape']} ({setting['layers']} layers), {setting['dtype']}, seq {setting['seq']}, batch {setting['batch']} sequences "
+    return (f"{setting['device']}, {model_name(setting['shape'])} ({setting['layers']} layers), {setting['dtype']}, seq {setting['seq']}, batch {setting['batch']} sequences "
             f"(dpo: {pairs} pairs); {setting['rounds']} timed steps per side, alternating, after {setting['steps']} warm-up steps whose losses are compared; ratio = median of adjacent steps' ratios{command}")
 
 
