@@ -109,3 +109,4 @@ def test_lora_dpo_with_precomputed_reference_equals_reference_pass(micro_model, 
     assert abs(runs["true"][-1][1]) > 1e-3  # the policy has moved away from the reference by the last step
     for (loss_on, margin_on), (loss_pre, margin_pre) in zip(runs["false"], runs["true"]):
         assert loss_pre == pytest.approx(loss_on, abs=1e-5) and margin_pre == pytest.approx(margin_on, abs=1e-5)
+

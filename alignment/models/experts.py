@@ -4,6 +4,13 @@ Stock `JetMoeParallelExperts.forward` indexes `self.weight[i]` per expert: in ba
 builds a full-size [E, out, in] gradient and they are summed. `torch._grouped_mm` runs the whole bank
 in one call (CPU and CUDA, with autograd); where its stride rules are not met, a loop over
 `weight.unbind(0)` gives each expert its own gradient slice.
+
+Stock `JetMoeMoE` and `JetMoeMoA` also move tokens between token order and expert order with
+`zeros.index_add` (an atomic scatter on a GPU, a serial one on the CPU) and gather them with indexing
+whose backward is another scatter (`index_put_` with accumulation). Every such move is a permutation of
+the token x top-k copies, so here each one, forward and backward, is a gather by the permutation or its
+inverse, and the top-k copies of a token are added with a sum over k. With top-2 the numbers are the
+stock ones bit for bit (0 + a + b = a + b); with more experts per token the sum order may differ.
 """
 
 import torch
@@ -19,22 +26,124 @@ def _groupable(inputs: torch.Tensor, weight: torch.Tensor) -> bool:
     return _HAS_GROUPED_MM and inputs.dtype == weight.dtype and inputs.shape[-1] % align == 0 and weight.shape[1] % align == 0
 
 
-def grouped_linear(inputs: torch.Tensor, weight: torch.Tensor, expert_size: list[int]) -> torch.Tensor:
-    """inputs [tokens sorted by expert, in], weight [E, out, in], expert_size [E] -> [tokens, out]."""
+def expert_offsets(expert_size: list[int], device) -> torch.Tensor:
+    """grouped_mm's `offs`: where each expert's tokens end (int32, on the tokens' device)."""
+    return torch.tensor(expert_size, device=device).cumsum(0).to(torch.int32)
+
+
+def grouped_linear(inputs: torch.Tensor, weight: torch.Tensor, expert_size: list[int], offsets: torch.Tensor | None = None) -> torch.Tensor:
+    """inputs [tokens sorted by expert, in], weight [E, out, in], expert_size [E] -> [tokens, out].
+    `offsets` (from `expert_offsets`) saves building them again when several banks share one routing."""
     if _groupable(inputs, weight):
-        offsets = torch.tensor(expert_size, device=inputs.device).cumsum(0).to(torch.int32)
+        offsets = expert_offsets(expert_size, inputs.device) if offsets is None else offsets
         return torch._grouped_mm(inputs, weight.transpose(1, 2), offs=offsets)
     chunks = inputs.split(expert_size, dim=0)
     return torch.cat([F.linear(x, w) for x, w in zip(chunks, weight.unbind(0))], dim=0)
+
+
+def expert_lora(inputs: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float, expert_size: list[int], offsets: torch.Tensor | None = None) -> torch.Tensor:
+    """Each expert's LoRA update x_e A_e^T B_e^T * scaling for its own tokens: inputs [tokens sorted by
+    expert, in], A [E, r, in], B [E, out, r] -> [tokens, out], in the inputs' dtype.
+
+    The factors are cast to the tokens' dtype, not the tokens to the factors' (PEFT keeps them in fp32):
+    in bf16 training an fp32 copy of [tokens, width] in and out of every bank costs more memory traffic
+    than the low-rank product itself, and fp32 leaves the tensor-core grouped kernel for a loop over
+    experts. The scaling multiplies the [tokens, r] product, not the [tokens, out] one."""
+    offsets = expert_offsets(expert_size, inputs.device) if offsets is None else offsets  # one copy to the device for both factors
+    low_rank = grouped_linear(inputs, a.to(inputs.dtype), expert_size, offsets) * scaling
+    return grouped_linear(low_rank, b.to(inputs.dtype), expert_size, offsets)
 
 
 def experts_forward(self, inputs: torch.Tensor, expert_size: list[int]) -> torch.Tensor:
     return grouped_linear(inputs, self.weight, expert_size)
 
 
-STOCK_FORWARD = modeling_jetmoe.JetMoeParallelExperts.forward
+class _Rows(torch.autograd.Function):
+    """x.index_select(0, index) where index is a permutation: the backward gathers by its inverse (no scatter)."""
+
+    @staticmethod
+    def forward(ctx, x, index, inverse):
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
+
+
+class _TokenCopies(torch.autograd.Function):
+    """Token rows [N, d] -> their top-k copies in expert order [N*k, d]; the backward adds each token's k gradients."""
+
+    @staticmethod
+    def forward(ctx, x, batch_index, inverse, k):
+        ctx.save_for_backward(inverse)
+        ctx.k = k
+        return x.index_select(0, batch_index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse).view(-1, ctx.k, grad.shape[-1]).sum(1), None, None, None
+
+
+def _inverse(order: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+
+
+def _combine(expert_outputs: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor, k: int) -> torch.Tensor:
+    """[N*k, d] in expert order -> [N, d]: each token's k outputs, added."""
+    return _Rows.apply(expert_outputs, inverse, order).view(-1, k, expert_outputs.shape[-1]).sum(1)
+
+
+def moe_forward(self, layer_input):
+    """JetMoeMoE.forward with gathers instead of scatters (same routing, banks and numbers)."""
+    bsz, length, emb_size = layer_input.size()
+    layer_input = layer_input.reshape(-1, emb_size)
+    order, batch_index, batch_gates, expert_size, _ = self.router(layer_input)
+    inverse, k = _inverse(order), self.router.top_k
+    gate, up = self.input_linear(_TokenCopies.apply(layer_input, batch_index, inverse, k), expert_size).chunk(2, dim=-1)
+    expert_outputs = self.output_linear(self.activation(gate) * up, expert_size)
+    expert_outputs = expert_outputs * batch_gates[:, None]
+    return _combine(expert_outputs, order, inverse, k).view(bsz, length, self.input_size) + self.bias
+
+
+def moa_map(self, layer_input):
+    """JetMoeMoA.map with gathers instead of scatters."""
+    bsz, length, emb_size = layer_input.size()
+    layer_input = layer_input.reshape(-1, emb_size)
+    order, batch_index, batch_gates, expert_size, router_logits = self.router(layer_input)
+    inverse = _inverse(order)
+    expert_outputs = self.input_linear(_TokenCopies.apply(layer_input, batch_index, inverse, self.top_k), expert_size)
+    layer_output = _Rows.apply(expert_outputs, inverse, order).view(bsz, length, self.top_k, -1)
+    return layer_output, router_logits, (order, batch_index, batch_gates, expert_size, inverse)
+
+
+def moa_reduce(self, layer_input, topo_info):
+    """JetMoeMoA.reduce with gathers instead of scatters."""
+    bsz, length, k, hidden_size = layer_input.size()
+    order, batch_index, batch_gates, expert_size, inverse = topo_info
+    expert_inputs = _Rows.apply(layer_input.reshape(-1, hidden_size), order, inverse)
+    expert_outputs = self.output_linear(expert_inputs, expert_size) * batch_gates[:, None]
+    return _combine(expert_outputs, order, inverse, k).view(bsz, length, self.input_size) + self.bias
+
+
+STOCK = {
+    (modeling_jetmoe.JetMoeParallelExperts, "forward"): modeling_jetmoe.JetMoeParallelExperts.forward,
+    (modeling_jetmoe.JetMoeMoE, "forward"): modeling_jetmoe.JetMoeMoE.forward,
+    (modeling_jetmoe.JetMoeMoA, "map"): modeling_jetmoe.JetMoeMoA.map,
+    (modeling_jetmoe.JetMoeMoA, "reduce"): modeling_jetmoe.JetMoeMoA.reduce,
+}
+FAST = {
+    (modeling_jetmoe.JetMoeParallelExperts, "forward"): experts_forward,
+    (modeling_jetmoe.JetMoeMoE, "forward"): moe_forward,
+    (modeling_jetmoe.JetMoeMoA, "map"): moa_map,
+    (modeling_jetmoe.JetMoeMoA, "reduce"): moa_reduce,
+}
+STOCK_FORWARD = STOCK[(modeling_jetmoe.JetMoeParallelExperts, "forward")]
 
 
 def use_fast_experts(enabled: bool = True):
-    """Swap the expert bank forward for every JetMoE in this process (and back with enabled=False)."""
-    modeling_jetmoe.JetMoeParallelExperts.forward = experts_forward if enabled else STOCK_FORWARD
+    """Swap the expert banks' and the MoE layers' forwards for every JetMoE in this process (back with enabled=False)."""
+    for (cls, name), function in (FAST if enabled else STOCK).items():
+        setattr(cls, name, function)

@@ -20,7 +20,7 @@ from torch import nn
 from transformers.models.jetmoe.modeling_jetmoe import JetMoeParallelExperts
 
 from alignment.errors import SmoeError
-from alignment.models.experts import grouped_linear
+from alignment.models.experts import expert_lora
 from alignment.models.quant import fused_quantized
 from alignment.models.moe import expert_modules, fused_experts, fused_experts_forward, fused_layout
 
@@ -87,10 +87,8 @@ class ExpertLoraLayer(nn.Module, LoraLayer):
         for name in self.active_adapters:
             if name not in self.lora_A:
                 continue
-            a, b = self.lora_A[name].weight, self.lora_B[name].weight
-            x = self.lora_dropout[name](inputs.to(a.dtype))
-            low_rank = grouped_linear(x, a, expert_size)
-            result = result + (grouped_linear(low_rank, b, expert_size) * self.scaling[name]).to(result.dtype)
+            x = self.lora_dropout[name](inputs)
+            result = result + expert_lora(x, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name], expert_size).to(result.dtype)
         return result
 
     def __repr__(self) -> str:
