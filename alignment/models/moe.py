@@ -131,7 +131,7 @@ def expert_weights(model: nn.Module) -> list[tuple[str, int, int, int]]:
 def _project(module, layout: FusedExperts, name: str, x, sizes, expert_ids, lora):
     """x [tokens sorted by expert, in] through weight `name` of every expert, plus each LoRA x A^T B^T * s."""
     nf4 = nf4_parametrization(module, name)
-    if nf4 is not None:  # 4-bit experts: one expert dequantised at a time, never the bank
+    if nf4 is not None:  # 4-bit experts: those with tokens dequantised for this product only, nothing kept
         y = nf4.matmul(module.parametrizations[name].original, x, sizes)
     else:
         weight = getattr(module, name)

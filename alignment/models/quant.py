@@ -24,6 +24,7 @@ from torch import nn
 from transformers.models.jetmoe.modeling_jetmoe import JetMoeParallelExperts
 
 from alignment.errors import SmoeError
+from alignment.models.experts import grouped_linear
 
 BLOCKSIZE = 64
 MARK = "quantized_experts"  # the config key that marks a checkpoint with NF4 expert banks
@@ -201,8 +202,8 @@ class NF4Experts(nn.Module):
     It is registered as a parametrization of the experts module's weight, so the module keeps its
     class, its flags and its parameter names (PEFT's `target_parameters` and the expert LoRA find them
     as before). Reading the weight dequantises the whole bank (PEFT reads shapes and merges through it);
-    `fused_experts_forward` instead calls `matmul`, which dequantises one expert at a time for its own
-    tokens, in forward and again in backward."""
+    `fused_experts_forward` instead calls `matmul`, which dequantises only the experts that receive
+    tokens, in one call, for one grouped matmul, in forward and again in backward."""
 
     def __init__(self, states: list, transposed: bool, compute_dtype: torch.dtype):
         super().__init__()
@@ -213,11 +214,24 @@ class NF4Experts(nn.Module):
         bank = torch.stack([dequantize_4bit(p, state) for p, state in zip(packed, self.states)]).to(self.compute_dtype)
         return bank.transpose(1, 2) if self.transposed else bank
 
+    def dequantize(self, packed: torch.Tensor, experts: list[int]) -> torch.Tensor:
+        """The listed experts' weights [len(experts), out, in] in compute dtype, in one bitsandbytes call:
+        each expert's block scales are undone from their double quantisation on their own (they are
+        small), then every block of every listed expert is dequantised at once."""
+        functional = bitsandbytes().functional
+        states = [self.states[e] for e in experts]
+        out_features, in_features = states[0].shape
+        if in_features % states[0].blocksize:  # bitsandbytes' CPU kernel lays out rows shorter than a block its own way
+            return torch.stack([functional.dequantize_4bit(packed[e], self.states[e]) for e in experts]).to(self.compute_dtype)
+        absmax = torch.cat([functional.dequantize_blockwise(s.absmax, s.state2) + s.offset if s.nested else s.absmax for s in states])
+        chosen = packed if len(experts) == len(self.states) else packed[experts]
+        whole = functional.QuantState(absmax.float(), shape=(len(experts) * out_features, in_features), blocksize=states[0].blocksize, quant_type=states[0].quant_type, dtype=self.compute_dtype)
+        return functional.dequantize_4bit(chosen.reshape(-1, 1), whole).view(len(experts), out_features, in_features)
+
     def matmul(self, packed: torch.Tensor, inputs: torch.Tensor, expert_size: list[int]) -> torch.Tensor:
-        """inputs [tokens sorted by expert, in] -> [tokens, out], expert by expert."""
-        bnb = bitsandbytes()
-        x = inputs.to(self.compute_dtype)
-        return torch.cat([bnb.matmul_4bit(chunk, p.t(), quant_state=state) for chunk, p, state in zip(x.split(expert_size), packed, self.states)])
+        """inputs [tokens sorted by expert, in] -> [tokens, out]: the experts that receive tokens are
+        dequantised together for one grouped matmul, and again in backward (nothing full-size is kept)."""
+        return _NF4GroupedMatmul.apply(inputs.to(self.compute_dtype), packed, self, expert_size)
 
     def storage_bytes(self, packed: torch.Tensor) -> int:
         total = packed.numel()
@@ -232,6 +246,27 @@ class NF4Experts(nn.Module):
         for state in self.states:
             state.to(device)
         return super()._apply(fn, recurse)
+
+
+class _NF4GroupedMatmul(torch.autograd.Function):
+    """x W_e^T per expert on its own rows, with W dequantised from NF4 in forward and again in backward
+    (the weights are frozen: only the input gets a gradient)."""
+
+    @staticmethod
+    def forward(ctx, x, packed, nf4, expert_size):
+        active = [e for e, size in enumerate(expert_size) if size]
+        ctx.packed_nf4_active = packed, nf4, active, [expert_size[e] for e in active]
+        if not active:
+            return x.new_zeros(x.shape[0], nf4.states[0].shape[0])
+        return grouped_linear(x, nf4.dequantize(packed, active), ctx.packed_nf4_active[3])
+
+    @staticmethod
+    def backward(ctx, grad):
+        packed, nf4, active, sizes = ctx.packed_nf4_active
+        if not active:
+            return grad.new_zeros(grad.shape[0], nf4.states[0].shape[1]), None, None, None
+        weight = nf4.dequantize(packed, active)  # [active, out, in]: grad_x = grad W, per expert
+        return grouped_linear(grad.to(weight.dtype).contiguous(), weight.transpose(1, 2), sizes), None, None, None
 
 
 def nf4_parametrization(module: nn.Module, name: str) -> NF4Experts | None:
