@@ -261,3 +261,35 @@ def test_a_target_that_matches_nothing_is_refused(tmp_path, capsys):
     model = tiny("mixtral")
     with pytest.raises(SmoeError, match="input_linear"):
         expert_lora_config(LoraConfig(r=2, lora_dropout=0.0, target_modules=["q_proj", "input_linear"]), model)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_4bit_loading_quantizes_each_experts_weight_as_it_loads(family, tmp_path, monkeypatch):
+    """load_in_4bit on a fused MoE: nn.Linear layers through bitsandbytes, expert weights in NF4 per
+    expert while the checkpoint is read, so no full-precision experts weight waits in the model for
+    the others; the model equals the one quantized after a full load."""
+    import alignment.models.fused_4bit as fused_4bit
+    from alignment.models.fused_4bit import Fused4bitConfig
+    from alignment.models.quant import fused_quantized, quantize_fused_experts
+
+    tiny(family).save_pretrained(tmp_path)
+    options = dict(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=["gate", "router", "lm_head"])
+    loading, full_precision_seen = [], []
+
+    def spy(weight, transposed):
+        model = loading[0]
+        full_precision_seen.append(sum(p.dim() == 3 and p.is_floating_point() and not p.is_meta for n, p in model.named_parameters() if n.endswith(("gate_up_proj", "down_proj"))))
+        return quantize_bank(weight, transposed)
+
+    quantize_bank = fused_4bit.quantize_bank
+    original_before = fused_4bit._Fused4bitQuantizer._process_model_before_weight_loading
+    monkeypatch.setattr(fused_4bit._Fused4bitQuantizer, "_process_model_before_weight_loading", lambda self, model, *a, **k: (loading.append(model), original_before(self, model, *a, **k))[1])
+    monkeypatch.setattr(fused_4bit, "quantize_bank", spy)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, quantization_config=Fused4bitConfig(**options)).train()
+    monkeypatch.undo()
+    assert full_precision_seen == [0, 0, 0, 0]  # 2 layers x gate/up and down, each packed before the next is read
+    assert fused_quantized(loaded) and not any(p.dim() == 3 and p.is_floating_point() for p in loaded.parameters())
+    assert type(loaded.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    after = quantize_fused_experts(transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, quantization_config=transformers.BitsAndBytesConfig(**options)), torch.float32).train()
+    with torch.no_grad():  # train mode: bitsandbytes' CPU inference repacking needs rows of 64 or more
+        assert torch.equal(loaded(ids()).logits, after(ids()).logits)

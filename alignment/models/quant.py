@@ -277,32 +277,42 @@ def nf4_parametrization(module: nn.Module, name: str) -> NF4Experts | None:
     return found[0] if found else None
 
 
-def quantize_fused_experts(model: nn.Module, compute_dtype: torch.dtype = torch.bfloat16) -> nn.Module:
-    """Every fused 3-D expert weight of `model` (gate/up and down of each experts module) in NF4, one
-    expert at a time, in place; returns the model. Biases, routers and shared experts keep their dtype."""
+def quantize_bank(weight: torch.Tensor, transposed: bool) -> tuple[torch.Tensor, list]:
+    """A fused 3-D expert weight in NF4, one expert at a time: (packed [E, out*in/2, 1] uint8, E states).
+    Each expert is stored [out, in] whatever the module's layout."""
+    quantize_4bit = bitsandbytes().functional.quantize_4bit
+    packed, states = [], []
+    for expert in weight.detach().unbind(0):
+        matrix = (expert.t() if transposed else expert).contiguous()
+        p, state = quantize_4bit(matrix, blocksize=BLOCKSIZE, quant_type="nf4", compress_statistics=True)
+        packed.append(p)
+        states.append(state)
+    return torch.stack(packed), states
+
+
+def attach_nf4(module: nn.Module, name: str, packed: torch.Tensor, states: list, transposed: bool, compute_dtype: torch.dtype):
     from torch.nn.utils import parametrize
 
+    if hasattr(module, name):
+        delattr(module, name)
+    module.register_parameter(name, nn.Parameter(packed, requires_grad=False))
+    parametrize.register_parametrization(module, name, NF4Experts(states, transposed, compute_dtype), unsafe=True)
+    # the class parametrize made for this one module: its own forward, which never dequantises a whole bank
+    type(module).forward = _nf4_experts_forward
+
+
+def quantize_fused_experts(model: nn.Module, compute_dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """Every fused 3-D expert weight of an already loaded `model` (gate/up and down of each experts
+    module) in NF4, one expert at a time, in place; returns the model. Biases, routers and shared
+    experts keep their dtype. Loading with `alignment.models.fused_4bit.Fused4bitConfig` does the same while the
+    model loads."""
     from alignment.models.moe import fused_experts, fused_layout
 
-    quantize_4bit = bitsandbytes().functional.quantize_4bit
     for module in fused_experts(model).values():
         layout = fused_layout(module)
         for name in layout.weight_names:
-            if nf4_parametrization(module, name) is not None:
-                continue
-            weight = getattr(module, name).detach()
-            packed, states = [], []
-            for expert in weight.unbind(0):  # stored [out, in] whatever the module's layout
-                matrix = (expert.t() if layout.transposed else expert).contiguous()
-                p, state = quantize_4bit(matrix, blocksize=BLOCKSIZE, quant_type="nf4", compress_statistics=True)
-                packed.append(p)
-                states.append(state)
-            delattr(module, name)
-            module.register_parameter(name, nn.Parameter(torch.stack(packed), requires_grad=False))
-            del weight
-            parametrize.register_parametrization(module, name, NF4Experts(states, layout.transposed, compute_dtype), unsafe=True)
-        # the class parametrize made for this one module: its own forward, which never dequantises a whole bank
-        type(module).forward = _nf4_experts_forward
+            if nf4_parametrization(module, name) is None:
+                attach_nf4(module, name, *quantize_bank(getattr(module, name), layout.transposed), layout.transposed, compute_dtype)
     return model
 
 

@@ -1,0 +1,87 @@
+"""4-bit loading that quantizes fused 3-D experts as they load (QLoRA for Mixtral-style families).
+
+transformers' bitsandbytes loading turns `nn.Linear` layers into `Linear4bit` as their weights are read
+but leaves fused 3-D expert weights in full precision (bitsandbytes #1849), so quantizing them after
+loading means holding the whole model in bf16 first. Here the same quantizer also claims the experts
+weights (`param_needs_quantization`) and its op (`get_quantize_ops`) packs each one in NF4, expert by
+expert with double quantisation, right after transformers has read it (and merged a per-expert
+checkpoint into the fused layout). transformers loads one weight at a time when a quantizer works on
+the fly, so beside the growing 4-bit model only one full-precision weight is ever held.
+Importing this module registers the method with transformers; it imports bitsandbytes.
+"""
+
+import torch
+from torch import nn
+from transformers import BitsAndBytesConfig
+from transformers.core_model_loading import ConversionOps
+from transformers.integrations.bitsandbytes import Bnb4bitQuantize
+from transformers.quantizers.auto import register_quantization_config, register_quantizer
+from transformers.quantizers.quantizer_bnb_4bit import Bnb4BitHfQuantizer
+
+from alignment.models.moe import fused_experts, fused_layout
+from alignment.models.quant import BLOCKSIZE, MARK, attach_nf4, quantize_bank
+
+FUSED_4BIT_METHOD = "smoe_bnb_4bit_fused_experts"
+
+
+class Fused4bitConfig(BitsAndBytesConfig):
+    """transformers' BitsAndBytesConfig for 4-bit loading, whose quantizer also takes the fused 3-D
+    experts: each experts weight goes to NF4 per expert (double quantisation) as soon as its tensor is
+    read from the checkpoint, before the next one is read. Neither the CPU nor the GPU holds more than
+    one full-precision weight beside the 4-bit model."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.quant_method = FUSED_4BIT_METHOD
+
+
+class _Fused4bitQuantizer(Bnb4BitHfQuantizer):
+    """bitsandbytes' 4-bit quantizer (nn.Linear to Linear4bit) plus NF4 fused experts, on the same hook
+    that transformers gives every quantizer: `param_needs_quantization` picks a weight, the op returned
+    by `get_quantize_ops` converts it as it loads."""
+
+    def _process_model_before_weight_loading(self, model, device_map, **kwargs):
+        super()._process_model_before_weight_loading(model, device_map, **kwargs)
+        self.fused = {name: fused_layout(module) for name, module in fused_experts(model).items()}
+        self.nf4_loaded = {}  # (module name, weight name) -> the NF4 states of the packed weight loaded there
+
+    def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
+        module_name, _, name = param_name.rpartition(".")
+        layout = getattr(self, "fused", {}).get(module_name)
+        return (layout is not None and name in layout.weight_names) or super().param_needs_quantization(model, param_name, **kwargs)
+
+    def get_quantize_ops(self):
+        return _QuantizeFusedOrLinear(self)
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        compute_dtype = self.quantization_config.bnb_4bit_compute_dtype
+        for (module_name, name), states in self.nf4_loaded.items():
+            module, transposed = model.get_submodule(module_name), self.fused[module_name].transposed
+            attach_nf4(module, name, getattr(module, name).data, states, transposed, compute_dtype)
+        self.nf4_loaded = {}
+        setattr(model.config, MARK, {"quant_type": "nf4", "blocksize": BLOCKSIZE, "compute_dtype": str(compute_dtype).removeprefix("torch.")})
+        return super()._process_model_after_weight_loading(model, **kwargs)
+
+
+class _QuantizeFusedOrLinear(ConversionOps):
+    def __init__(self, quantizer: _Fused4bitQuantizer):
+        self.quantizer, self.linear = quantizer, Bnb4bitQuantize(quantizer)
+
+    def convert(self, input_dict: dict, full_layer_name: str | None = None, model: nn.Module | None = None, **kwargs) -> dict:
+        result = {}
+        for param_name, value in input_dict.items():
+            module_name, _, name = param_name.rpartition(".")
+            layout = self.quantizer.fused.get(module_name)
+            if layout is None:  # an nn.Linear: bitsandbytes' own op
+                result.update(self.linear.convert({param_name: value}, full_layer_name=full_layer_name, model=model, **kwargs))
+                continue
+            weight = value[0] if isinstance(value, list) else value
+            packed, states = quantize_bank(weight, layout.transposed)
+            del weight, value  # the full-precision bank goes before the next one is read
+            self.quantizer.nf4_loaded[(module_name, name)] = states
+            result[param_name] = packed
+        return result
+
+
+register_quantization_config(FUSED_4BIT_METHOD)(Fused4bitConfig)
+register_quantizer(FUSED_4BIT_METHOD)(_Fused4bitQuantizer)
