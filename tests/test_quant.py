@@ -83,7 +83,7 @@ def test_fused_nf4_experts_dequantise_together_exactly_as_one_by_one():
     torch.manual_seed(0)
     weight = torch.randn(4, 96, 128) * 0.02  # [E, out, in]; rows as long as two blocks
     packed, states = zip(*(bnbf.quantize_4bit(w.contiguous(), blocksize=64, quant_type="nf4", compress_statistics=True) for w in weight))
-    nf4, packed = NF4Experts(list(states), transposed=False, compute_dtype=torch.float32), torch.stack(packed)
+    nf4, packed = NF4Experts.from_states(list(states), transposed=False, compute_dtype=torch.float32), torch.stack(packed)
     one_by_one = torch.stack([bnbf.dequantize_4bit(p, s) for p, s in zip(packed, states)])
     assert torch.equal(nf4.dequantize(packed, [0, 1, 2, 3]), one_by_one)
     assert torch.equal(nf4.dequantize(packed, [1, 3]), one_by_one[[1, 3]])

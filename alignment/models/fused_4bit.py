@@ -10,6 +10,9 @@ the fly, so beside the growing 4-bit model only one full-precision weight is eve
 Importing this module registers the method with transformers; it imports bitsandbytes.
 """
 
+import ctypes
+import ctypes.util
+
 import torch
 from torch import nn
 from transformers import BitsAndBytesConfig
@@ -19,7 +22,16 @@ from transformers.quantizers.auto import register_quantization_config, register_
 from transformers.quantizers.quantizer_bnb_4bit import Bnb4BitHfQuantizer
 
 from alignment.models.moe import fused_experts, fused_layout
-from alignment.models.quant import BLOCKSIZE, MARK, attach_nf4, quantize_bank
+from alignment.models.quant import BLOCKSIZE, MARK, NF4Experts, attach_nf4, nf4_parametrization, quantize_bank
+
+def release_freed_memory():
+    """Hand memory freed by the last full-precision weight back to the system. glibc raises its mmap
+    threshold after large frees, so banks of up to 32 MiB come from the heap and, freed, stay resident:
+    a 4-layer model's load held about 3x its 4-bit size until trimmed."""
+    libc = ctypes.util.find_library("c")
+    if libc and hasattr(ctypes.CDLL(libc), "malloc_trim"):
+        ctypes.CDLL(libc).malloc_trim(0)
+
 
 FUSED_4BIT_METHOD = "smoe_bnb_4bit_fused_experts"
 
@@ -30,9 +42,13 @@ class Fused4bitConfig(BitsAndBytesConfig):
     read from the checkpoint, before the next one is read. Neither the CPU nor the GPU holds more than
     one full-precision weight beside the 4-bit model."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, load_in_4bit: bool = True, **kwargs):
+        super().__init__(load_in_4bit=load_in_4bit, **kwargs)
         self.quant_method = FUSED_4BIT_METHOD
+
+    def to_dict(self) -> dict:
+        # without load_in_4bit, transformers maps a saved checkpoint's config back to this method, not plain bitsandbytes
+        return {k: v for k, v in super().to_dict().items() if k not in ("load_in_4bit", "load_in_8bit", "_load_in_4bit", "_load_in_8bit")}
 
 
 class _Fused4bitQuantizer(Bnb4BitHfQuantizer):
@@ -44,6 +60,16 @@ class _Fused4bitQuantizer(Bnb4BitHfQuantizer):
         super()._process_model_before_weight_loading(model, device_map, **kwargs)
         self.fused = {name: fused_layout(module) for name, module in fused_experts(model).items()}
         self.nf4_loaded = {}  # (module name, weight name) -> the NF4 states of the packed weight loaded there
+        if self.pre_quantized:  # a checkpoint saved in 4-bit: packed weights and NF4 states load in place, nothing full-size is built
+            compute_dtype = self.quantization_config.bnb_4bit_compute_dtype
+            for module_name, layout in self.fused.items():
+                module = model.get_submodule(module_name)
+                for name in layout.weight_names:
+                    in_features, out_features = layout.in_out(module, name)
+                    packed = torch.empty(layout.num_experts, out_features * in_features // 2, 1, dtype=torch.uint8, device="meta")
+                    nf4 = NF4Experts(layout.num_experts, out_features, in_features, layout.transposed, compute_dtype, device="meta")
+                    attach_nf4(module, name, packed, nf4, layout.transposed, compute_dtype)
+                module._is_hf_initialized = True  # its init would read (dequantise) the weights it is about to receive
 
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
         module_name, _, name = param_name.rpartition(".")
@@ -53,12 +79,28 @@ class _Fused4bitQuantizer(Bnb4BitHfQuantizer):
     def get_quantize_ops(self):
         return _QuantizeFusedOrLinear(self)
 
+    def _dequantize(self, model, dtype=None):
+        """Linear4bit layers back to nn.Linear (bitsandbytes' way), NF4 experts back to plain weights."""
+        from torch.nn.utils import parametrize
+
+        model = super()._dequantize(model, dtype=dtype)
+        for module in fused_experts(model).values():
+            for name in fused_layout(module).weight_names:
+                if nf4_parametrization(module, name) is not None:
+                    weight = getattr(module, name).detach().to(dtype)  # the whole bank, once, to hand back
+                    parametrize.remove_parametrizations(module, name, leave_parametrized=False)
+                    setattr(module, name, nn.Parameter(weight))
+        if hasattr(model.config, MARK):
+            delattr(model.config, MARK)
+        return model
+
     def _process_model_after_weight_loading(self, model, **kwargs):
         compute_dtype = self.quantization_config.bnb_4bit_compute_dtype
         for (module_name, name), states in self.nf4_loaded.items():
             module, transposed = model.get_submodule(module_name), self.fused[module_name].transposed
             attach_nf4(module, name, getattr(module, name).data, states, transposed, compute_dtype)
         self.nf4_loaded = {}
+        release_freed_memory()
         setattr(model.config, MARK, {"quant_type": "nf4", "blocksize": BLOCKSIZE, "compute_dtype": str(compute_dtype).removeprefix("torch.")})
         return super()._process_model_after_weight_loading(model, **kwargs)
 
@@ -75,6 +117,7 @@ class _QuantizeFusedOrLinear(ConversionOps):
             if layout is None:  # an nn.Linear: bitsandbytes' own op
                 result.update(self.linear.convert({param_name: value}, full_layer_name=full_layer_name, model=model, **kwargs))
                 continue
+            release_freed_memory()  # the previous bank, freed once transformers set its packed weight
             weight = value[0] if isinstance(value, list) else value
             packed, states = quantize_bank(weight, layout.transposed)
             del weight, value  # the full-precision bank goes before the next one is read

@@ -131,11 +131,15 @@ def quantize_experts(model: nn.Module, compute_dtype: torch.dtype = torch.bfloat
 
 
 def is_quantized(model: nn.Module) -> bool:
-    return any(isinstance(m, QuantizedExperts) for m in model.modules())
+    """Expert weights held in NF4: JetMoE banks, or fused experts (loaded with `fused_4bit.Fused4bitConfig`)."""
+    return any(isinstance(m, (QuantizedExperts, NF4Experts)) for m in model.modules())
 
 
 def dequantize_experts(model: nn.Module) -> nn.Module:
-    """Every NF4 bank back in the model's dtype, in place (an adapter trained on 4-bit merges into these)."""
+    """Every NF4 bank back in the model's dtype, in place (an adapter trained on 4-bit merges into these);
+    a model loaded in 4-bit by transformers (fused experts) also gets its Linear4bit layers back."""
+    if getattr(model, "hf_quantizer", None) is not None:
+        return model.dequantize()
     for name, bank in _banks(model, QuantizedExperts):
         _replace(model, name, bank.dequantized(bank.compute_dtype))
     if hasattr(model.config, MARK):
@@ -156,6 +160,13 @@ def load_quantized(path: str | Path, **kwargs) -> nn.Module:
 
     config = AutoConfig.from_pretrained(path)
     compute_dtype = getattr(torch, getattr(config, MARK)["compute_dtype"])
+    if getattr(config, "quantization_config", None) is not None:  # fused experts: transformers loads it through our quantizer
+        import alignment.models.fused_4bit  # noqa: F401  (registers the method)
+
+        kwargs.pop("quantization_config", None)  # the checkpoint's own
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=compute_dtype, **kwargs)
+        model.name_or_path = str(path)
+        return model
     with init_empty_weights():  # parameters on the meta device until the checkpoint's own are assigned
         model = AutoModelForCausalLM.from_config(config, dtype=compute_dtype, **kwargs)
     for name, bank in _banks(model, JetMoeParallelExperts):
@@ -172,6 +183,17 @@ def load_quantized(path: str | Path, **kwargs) -> nn.Module:
     return model
 
 
+def _model_type(path: str) -> str | None:
+    from transformers import AutoConfig
+
+    from alignment.models.jetmoe import root_model
+
+    try:
+        return AutoConfig.from_pretrained(root_model(path)).model_type
+    except (OSError, ValueError):
+        return None  # load_causal_lm says what is wrong with the path
+
+
 @dataclass
 class QuantizeArgs:
     model_name_or_path: str = ""
@@ -180,20 +202,32 @@ class QuantizeArgs:
 
 
 def run(args: QuantizeArgs):
-    """smoe-align quantize: a model (or adapter chain, merged) saved with NF4 expert banks, for QLoRA runs."""
+    """smoe-align quantize: a model (or adapter chain, merged) saved with NF4 expert weights, for QLoRA runs.
+    JetMoE banks are quantized after loading; other families (fused experts) while loading, with their
+    nn.Linear layers in bitsandbytes 4-bit too."""
     from alignment.manifest import write_manifest
     from alignment.models.jetmoe import load_causal_lm, load_tokenizer
 
     started = time.time()
     if not args.model_name_or_path or not args.output_dir:
         raise SmoeError("quantize needs model_name_or_path and output_dir", "recipe", "set both")
-    model = load_causal_lm(args.model_name_or_path, args.dtype)
-    if not _banks(model, JetMoeParallelExperts):
-        raise SmoeError("the model has no JetMoE expert banks to quantize", args.model_name_or_path, "quantize a JetMoE model")
-    quantize_experts(model, model.dtype)
+    if _model_type(args.model_name_or_path) == "jetmoe":
+        model = load_causal_lm(args.model_name_or_path, args.dtype)
+        quantize_experts(model, model.dtype)
+    else:  # fused experts and nn.Linear layers quantized as they load; routers and lm_head kept
+        from alignment.models.fused_4bit import Fused4bitConfig
+
+        compute = getattr(torch, args.dtype)
+        config = Fused4bitConfig(bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute, llm_int8_skip_modules=["gate", "router", "lm_head"])
+        model = load_causal_lm(args.model_name_or_path, args.dtype, quantization_config=config)
+        if not fused_quantized(model):
+            raise SmoeError("the model has no expert weights to quantize (neither JetMoE banks nor fused 3-D experts)", args.model_name_or_path, "quantize an MoE model; dense models load in 4-bit directly with load_in_4bit: true")
     model.save_pretrained(args.output_dir)
     load_tokenizer(args.model_name_or_path).save_pretrained(args.output_dir)
     write_manifest(args.output_dir, "quantize", started, source=args.model_name_or_path)
+
+
+NESTED_BLOCKSIZE = 256  # bitsandbytes' blocks for the double quantisation of the block scales
 
 
 class NF4Experts(nn.Module):
@@ -203,30 +237,58 @@ class NF4Experts(nn.Module):
     class, its flags and its parameter names (PEFT's `target_parameters` and the expert LoRA find them
     as before). Reading the weight dequantises the whole bank (PEFT reads shapes and merges through it);
     `fused_experts_forward` instead calls `matmul`, which dequantises only the experts that receive
-    tokens, in one call, for one grouped matmul, in forward and again in backward."""
+    tokens, in one call, for one grouped matmul, in forward and again in backward.
 
-    def __init__(self, states: list, transposed: bool, compute_dtype: torch.dtype):
+    Each expert's bitsandbytes quantisation state lives in buffers, so it saves, loads and moves with
+    the model: absmax [E, blocks] (block scales, 8-bit), nested_absmax [E, blocks / 256] and offset [E]
+    (their own scales), nested_code [256] (the 8-bit code of the scales), code [16] (NF4's values)."""
+
+    def __init__(self, num_experts: int, out_features: int, in_features: int, transposed: bool, compute_dtype: torch.dtype, device=None):
         super().__init__()
-        self.states, self.transposed, self.compute_dtype = states, transposed, compute_dtype
+        self.num_experts, self.out_features, self.in_features = num_experts, out_features, in_features
+        self.transposed, self.compute_dtype = transposed, compute_dtype
+        blocks = out_features * in_features // BLOCKSIZE
+        self.register_buffer("absmax", torch.empty(num_experts, blocks, dtype=torch.uint8, device=device))
+        self.register_buffer("nested_absmax", torch.empty(num_experts, -(-blocks // NESTED_BLOCKSIZE), dtype=torch.float32, device=device))
+        self.register_buffer("offset", torch.empty(num_experts, dtype=torch.float32, device=device))
+        self.register_buffer("nested_code", torch.empty(256, dtype=torch.float32, device=device))
+        self.register_buffer("code", torch.empty(16, dtype=torch.float32, device=device))
 
-    def forward(self, packed: torch.Tensor) -> torch.Tensor:
-        dequantize_4bit = bitsandbytes().functional.dequantize_4bit
-        bank = torch.stack([dequantize_4bit(p, state) for p, state in zip(packed, self.states)]).to(self.compute_dtype)
-        return bank.transpose(1, 2) if self.transposed else bank
+    @classmethod
+    def from_states(cls, states: list, transposed: bool, compute_dtype: torch.dtype) -> "NF4Experts":
+        """From the E states `quantize_4bit` returned (NF4, blocks of 64, compressed statistics)."""
+        first = states[0]
+        nf4 = cls(len(states), *first.shape, transposed, compute_dtype, device=first.absmax.device)
+        with torch.no_grad():
+            nf4.absmax.copy_(torch.stack([s.absmax for s in states]))
+            nf4.nested_absmax.copy_(torch.stack([s.state2.absmax for s in states]))
+            nf4.offset.copy_(torch.stack([s.offset.reshape(()) for s in states]))
+            nf4.nested_code.copy_(first.state2.code)
+            nf4.code.copy_(first.code)
+        return nf4
+
+    def scales(self, expert: int) -> torch.Tensor:
+        """One expert's block scales [blocks] in float32, undone from their double quantisation."""
+        functional = bitsandbytes().functional
+        return functional.dequantize_blockwise(self.absmax[expert], absmax=self.nested_absmax[expert], code=self.nested_code, blocksize=NESTED_BLOCKSIZE) + self.offset[expert]
 
     def dequantize(self, packed: torch.Tensor, experts: list[int]) -> torch.Tensor:
-        """The listed experts' weights [len(experts), out, in] in compute dtype, in one bitsandbytes call:
-        each expert's block scales are undone from their double quantisation on their own (they are
-        small), then every block of every listed expert is dequantised at once."""
+        """The listed experts' weights [len(experts), out, in] in compute dtype, every block of every
+        listed expert dequantised in one bitsandbytes call."""
         functional = bitsandbytes().functional
-        states = [self.states[e] for e in experts]
-        out_features, in_features = states[0].shape
-        if in_features % states[0].blocksize:  # bitsandbytes' CPU kernel lays out rows shorter than a block its own way
-            return torch.stack([functional.dequantize_4bit(packed[e], self.states[e]) for e in experts]).to(self.compute_dtype)
-        absmax = torch.cat([functional.dequantize_blockwise(s.absmax, s.state2) + s.offset if s.nested else s.absmax for s in states])
-        chosen = packed if len(experts) == len(self.states) else packed[experts]
-        whole = functional.QuantState(absmax.float(), shape=(len(experts) * out_features, in_features), blocksize=states[0].blocksize, quant_type=states[0].quant_type, dtype=self.compute_dtype)
-        return functional.dequantize_4bit(chosen.reshape(-1, 1), whole).view(len(experts), out_features, in_features)
+
+        def state(scales, rows):
+            return functional.QuantState(scales.float(), shape=(rows, self.in_features), code=self.code, blocksize=BLOCKSIZE, quant_type="nf4", dtype=self.compute_dtype)
+
+        if self.in_features % BLOCKSIZE:  # bitsandbytes' CPU kernel lays out rows shorter than a block its own way
+            return torch.stack([functional.dequantize_4bit(packed[e], state(self.scales(e), self.out_features)) for e in experts])
+        chosen = packed if len(experts) == self.num_experts else packed[experts]
+        whole = state(torch.cat([self.scales(e) for e in experts]), len(experts) * self.out_features)
+        return functional.dequantize_4bit(chosen.reshape(-1, 1), whole).view(len(experts), self.out_features, self.in_features)
+
+    def forward(self, packed: torch.Tensor) -> torch.Tensor:
+        bank = self.dequantize(packed, list(range(self.num_experts)))
+        return bank.transpose(1, 2) if self.transposed else bank
 
     def matmul(self, packed: torch.Tensor, inputs: torch.Tensor, expert_size: list[int]) -> torch.Tensor:
         """inputs [tokens sorted by expert, in] -> [tokens, out]: the experts that receive tokens are
@@ -234,18 +296,8 @@ class NF4Experts(nn.Module):
         return _NF4GroupedMatmul.apply(inputs.to(self.compute_dtype), packed, self, expert_size)
 
     def storage_bytes(self, packed: torch.Tensor) -> int:
-        total = packed.numel()
-        for state in self.states:
-            total += state.absmax.numel() * state.absmax.element_size()
-            if state.nested:
-                total += state.state2.absmax.numel() * state.state2.absmax.element_size() + 4
-        return total
-
-    def _apply(self, fn, recurse=True):
-        device = fn(torch.empty(0)).device  # the quantisation states follow the packed weights, never change dtype
-        for state in self.states:
-            state.to(device)
-        return super()._apply(fn, recurse)
+        """Packed weights, 8-bit block scales and their float32 scales and offsets (code books are shared)."""
+        return packed.numel() + self.absmax.numel() + 4 * (self.nested_absmax.numel() + self.offset.numel())
 
 
 class _NF4GroupedMatmul(torch.autograd.Function):
@@ -257,14 +309,14 @@ class _NF4GroupedMatmul(torch.autograd.Function):
         active = [e for e, size in enumerate(expert_size) if size]
         ctx.packed_nf4_active = packed, nf4, active, [expert_size[e] for e in active]
         if not active:
-            return x.new_zeros(x.shape[0], nf4.states[0].shape[0])
+            return x.new_zeros(x.shape[0], nf4.out_features)
         return grouped_linear(x, nf4.dequantize(packed, active), ctx.packed_nf4_active[3])
 
     @staticmethod
     def backward(ctx, grad):
         packed, nf4, active, sizes = ctx.packed_nf4_active
         if not active:
-            return grad.new_zeros(grad.shape[0], nf4.states[0].shape[1]), None, None, None
+            return grad.new_zeros(grad.shape[0], nf4.in_features), None, None, None
         weight = nf4.dequantize(packed, active)  # [active, out, in]: grad_x = grad W, per expert
         return grouped_linear(grad.to(weight.dtype).contiguous(), weight.transpose(1, 2), sizes), None, None, None
 
@@ -290,13 +342,16 @@ def quantize_bank(weight: torch.Tensor, transposed: bool) -> tuple[torch.Tensor,
     return torch.stack(packed), states
 
 
-def attach_nf4(module: nn.Module, name: str, packed: torch.Tensor, states: list, transposed: bool, compute_dtype: torch.dtype):
+def attach_nf4(module: nn.Module, name: str, packed: torch.Tensor, states, transposed: bool, compute_dtype: torch.dtype):
+    """Put `packed` in place of the module's weight `name`, read through its NF4 states (a list of
+    bitsandbytes states, or an NF4Experts to be filled by loading a checkpoint)."""
     from torch.nn.utils import parametrize
 
     if hasattr(module, name):
         delattr(module, name)
     module.register_parameter(name, nn.Parameter(packed, requires_grad=False))
-    parametrize.register_parametrization(module, name, NF4Experts(states, transposed, compute_dtype), unsafe=True)
+    nf4 = NF4Experts.from_states(states, transposed, compute_dtype) if isinstance(states, list) else states
+    parametrize.register_parametrization(module, name, nf4, unsafe=True)
     # the class parametrize made for this one module: its own forward, which never dequantises a whole bank
     type(module).forward = _nf4_experts_forward
 
