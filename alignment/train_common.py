@@ -16,7 +16,7 @@ from alignment.errors import SmoeError
 from alignment.manifest import is_main_process, write_manifest
 from alignment.models.jetmoe import adapter_base, load_causal_lm, load_tokenizer, root_model
 from alignment.models.lora import expert_lora_config, lora_targets
-from alignment.models.quant import bitsandbytes, is_quantized, quantize_experts
+from alignment.models.quant import is_quantized, quantize_experts, usable_bitsandbytes
 
 
 @dataclass
@@ -92,7 +92,7 @@ def load_student(model_args: ModelConfig, data_args: DataArgs):
     if model_args.load_in_4bit and peft_config is None:
         raise SmoeError("4-bit weights train adapters only", "recipe key load_in_4bit", "set use_peft: true with lora_target_modules")
     if model_args.load_in_4bit:
-        bitsandbytes()  # before the model loads: a missing package is reported at once
+        usable_bitsandbytes()  # before the model loads: a missing or unusable package is reported at once
     if model_args.dtype == "float16" and not torch.cuda.is_available():
         raise SmoeError("float16 weights do not train on the CPU (autocast there is bfloat16 only)", "recipe key dtype (torch_dtype)", "use bfloat16 or float32 on the CPU")
     extra = {}

@@ -337,3 +337,37 @@ def test_a_4bit_fused_model_saves_reloads_without_quantizing_and_its_adapter_mer
         torch.testing.assert_close(merged_logits, stock(ids()).logits, atol=1e-5, rtol=0)
         with stock.disable_adapter():
             assert (merged_logits - stock(ids()).logits).abs().max() > 1e-3  # the adapter does something
+
+
+def test_an_expert_weight_named_as_a_module_is_refused_with_the_module_to_name():
+    with pytest.raises(SmoeError, match="gate_up_proj is a weight of the fused experts: name their module, experts, to adapt down_proj and gate_up_proj"):
+        expert_lora_config(LoraConfig(r=2, lora_dropout=0.0, target_modules=["q_proj", "gate_up_proj"]), tiny("mixtral"))
+
+
+def test_4bit_keys_that_cannot_be_honoured_stop_with_the_key_and_the_fix(tmp_path, monkeypatch, capsys):
+    """fp4 for fused experts (held in NF4 only), and a bitsandbytes that imports but cannot run 4-bit here."""
+    import bitsandbytes.functional
+
+    from alignment.cli import main
+    from alignment.models import quant
+
+    tiny("mixtral").save_pretrained(tmp_path / "base")
+    build_tokenizer().save_pretrained(tmp_path / "base")
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"messages": [{"role": "user", "content": "sort 21"}, {"role": "assistant", "content": "Answer: 12"}]}\n' * 4)
+    sft = ["sft", "--config", "recipes/tiny/sft_lora.yaml", "--model_name_or_path", str(tmp_path / "base"), "--dataset_path", str(data), "--output_dir", str(tmp_path / "o"), "--max_steps", "1", "--report_to", "none", "--load_in_4bit", "true"]
+    assert main([*sft, "--bnb_4bit_quant_type", "fp4"]) == 2
+    assert "recipe key bnb_4bit_quant_type: bnb_4bit_quant_type fp4: fused expert weights are held in NF4 only" in capsys.readouterr().err
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no kernel for this device")
+
+    quant.usable_bitsandbytes.cache_clear()
+    monkeypatch.setattr(bitsandbytes.functional, "quantize_4bit", broken)
+    sft[sft.index(str(tmp_path / "o"))] = str(tmp_path / "o2")
+    assert main(sft) == 2
+    err = capsys.readouterr().err
+    assert "recipe key load_in_4bit: bitsandbytes" in err and "cannot run 4-bit weights on cpu (RuntimeError: no kernel for this device)" in err
+    assert "set load_in_4bit: false" in err
+    monkeypatch.undo()
+    quant.usable_bitsandbytes.cache_clear()

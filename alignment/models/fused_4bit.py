@@ -21,6 +21,7 @@ from transformers.integrations.bitsandbytes import Bnb4bitQuantize
 from transformers.quantizers.auto import register_quantization_config, register_quantizer
 from transformers.quantizers.quantizer_bnb_4bit import Bnb4BitHfQuantizer
 
+from alignment.errors import SmoeError
 from alignment.models.moe import fused_experts, fused_layout
 from alignment.models.quant import BLOCKSIZE, MARK, NF4Experts, attach_nf4, nf4_parametrization, quantize_bank
 
@@ -59,6 +60,12 @@ class _Fused4bitQuantizer(Bnb4BitHfQuantizer):
     def _process_model_before_weight_loading(self, model, device_map, **kwargs):
         super()._process_model_before_weight_loading(model, device_map, **kwargs)
         self.fused = {name: fused_layout(module) for name, module in fused_experts(model).items()}
+        if self.fused and self.quantization_config.bnb_4bit_quant_type != "nf4":
+            raise SmoeError(
+                f"bnb_4bit_quant_type {self.quantization_config.bnb_4bit_quant_type}: fused expert weights are held in NF4 only",
+                "recipe key bnb_4bit_quant_type",
+                "set bnb_4bit_quant_type: nf4 (the default)",
+            )
         self.nf4_loaded = {}  # (module name, weight name) -> the NF4 states of the packed weight loaded there
         if self.pre_quantized:  # a checkpoint saved in 4-bit: packed weights and NF4 states load in place, nothing full-size is built
             compute_dtype = self.quantization_config.bnb_4bit_compute_dtype

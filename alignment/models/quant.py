@@ -14,6 +14,7 @@ its packed weights, and `config.quantized_experts` marks the checkpoint, so a se
 the 4-bit model as it is instead of quantising a full-precision copy again (`smoe-align quantize`).
 """
 
+import functools
 import json
 import time
 from dataclasses import dataclass
@@ -36,6 +37,26 @@ def bitsandbytes():
         import bitsandbytes.functional  # noqa: F401  (loads the submodule)
     except ImportError:
         raise SmoeError("4-bit expert banks need bitsandbytes, which is not installed", "recipe key load_in_4bit", "pip install bitsandbytes (or the package's [quant] extra)") from None
+    return bnb
+
+
+@functools.cache
+def usable_bitsandbytes():
+    """bitsandbytes, checked by an NF4 round trip on the device training will use: an install whose
+    native library or device backend is missing imports fine and fails only at the first 4-bit weight."""
+    bnb = bitsandbytes()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        probe = torch.linspace(-1, 1, 2 * BLOCKSIZE, device=device).view(2, BLOCKSIZE)
+        back = bnb.functional.dequantize_4bit(*bnb.functional.quantize_4bit(probe, blocksize=BLOCKSIZE, quant_type="nf4", compress_statistics=True))
+        if not torch.allclose(back, probe, atol=0.15):  # half the widest gap between NF4 values
+            raise RuntimeError("an NF4 round trip came back wrong")
+    except (RuntimeError, NotImplementedError, AttributeError, OSError) as err:
+        raise SmoeError(
+            f"bitsandbytes {getattr(bnb, '__version__', '?')} is installed but cannot run 4-bit weights on {device} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})",
+            "recipe key load_in_4bit",
+            "install a bitsandbytes build for this device (pip install -U bitsandbytes), or set load_in_4bit: false",
+        ) from None
     return bnb
 
 
@@ -211,6 +232,7 @@ def run(args: QuantizeArgs):
     started = time.time()
     if not args.model_name_or_path or not args.output_dir:
         raise SmoeError("quantize needs model_name_or_path and output_dir", "recipe", "set both")
+    usable_bitsandbytes()
     if _model_type(args.model_name_or_path) == "jetmoe":
         model = load_causal_lm(args.model_name_or_path, args.dtype)
         quantize_experts(model, model.dtype)
