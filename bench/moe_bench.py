@@ -18,7 +18,9 @@ Mid size: hidden 1024, expert width 2816, 8 experts top-2 in both banks, 2048 to
    experts to NF4 as they load) against a plain bf16 load, each in a fresh process, above the
    process's resident memory before loading.
 
-usage: python bench/moe_bench.py [--rounds 3] [--layers 2] [--only jetmoe|fused|load]
+usage: python bench/moe_bench.py [--rounds 3] [--layers 2] [--threads N] [--only jetmoe|fused|load]
+(--threads 1 on a machine that other jobs share: with more threads than free cores, every small
+matmul waits for a descheduled thread and the ratios measure the scheduler)
 """
 
 import argparse
@@ -238,7 +240,10 @@ def main():
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--only", choices=["jetmoe", "fused", "load"], default=None)
+    parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     if args.only in (None, "jetmoe"):
         four_bit(args.rounds)

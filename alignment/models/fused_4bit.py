@@ -5,9 +5,11 @@ but leaves fused 3-D expert weights in full precision (bitsandbytes #1849), so q
 loading means holding the whole model in bf16 first. Here the same quantizer also claims the experts
 weights (`param_needs_quantization`) and its op (`get_quantize_ops`) packs each one in NF4, expert by
 expert with double quantisation, right after transformers has read it (and merged a per-expert
-checkpoint into the fused layout). transformers loads one weight at a time when a quantizer works on
-the fly, so beside the growing 4-bit model only one full-precision weight is ever held.
-Importing this module registers the method with transformers; it imports bitsandbytes.
+checkpoint into the fused layout). transformers converts one weight at a time when a quantizer works
+on the fly, so beside the growing 4-bit model only the weight in hand is held in full precision (for a
+per-expert checkpoint such as Mixtral's, also the expert tensors transformers merges into it). The
+checkpoint's shards stay mapped while loading: their pages are the page cache's, reclaimable, not the
+process's. Importing this module registers the method with transformers; it imports bitsandbytes.
 """
 
 import ctypes
@@ -25,6 +27,7 @@ from alignment.errors import SmoeError
 from alignment.models.moe import fused_experts, fused_layout
 from alignment.models.quant import BLOCKSIZE, MARK, NF4Experts, attach_nf4, nf4_parametrization, quantize_bank
 
+
 def release_freed_memory():
     """Hand memory freed by the last full-precision weight back to the system. glibc raises its mmap
     threshold after large frees, so banks of up to 32 MiB come from the heap and, freed, stay resident:
@@ -40,8 +43,8 @@ FUSED_4BIT_METHOD = "smoe_bnb_4bit_fused_experts"
 class Fused4bitConfig(BitsAndBytesConfig):
     """transformers' BitsAndBytesConfig for 4-bit loading, whose quantizer also takes the fused 3-D
     experts: each experts weight goes to NF4 per expert (double quantisation) as soon as its tensor is
-    read from the checkpoint, before the next one is read. Neither the CPU nor the GPU holds more than
-    one full-precision weight beside the 4-bit model."""
+    read from the checkpoint, before the next one is read. A checkpoint saved from such a model records
+    this method and reloads in 4-bit as it is."""
 
     def __init__(self, load_in_4bit: bool = True, **kwargs):
         super().__init__(load_in_4bit=load_in_4bit, **kwargs)

@@ -1,4 +1,4 @@
-"""4-bit NF4 expert weights for QLoRA on JetMoE.
+"""4-bit NF4 expert weights for QLoRA: JetMoE banks and fused experts.
 
 bitsandbytes' 4-bit loading converts only `nn.Linear`, which leaves JetMoE's 3-D expert banks (about
 96% of the model) in full precision. Here every expert of every bank is quantised on its own with
@@ -12,6 +12,11 @@ unchanged, and an adapter trained on it loads onto the full-precision model and 
 A quantised model saves and reloads: each expert's quantisation state goes into the state dict beside
 its packed weights, and `config.quantized_experts` marks the checkpoint, so a second QLoRA run loads
 the 4-bit model as it is instead of quantising a full-precision copy again (`smoe-align quantize`).
+
+The other families keep their experts as fused 3-D weights (`alignment.models.moe`): `NF4Experts`
+holds one of them in NF4 per expert as a parametrization of the module, quantized while the model
+loads (`alignment.models.fused_4bit`) and multiplied by dequantising the experts that receive tokens
+in one call for one grouped matmul.
 """
 
 import functools
