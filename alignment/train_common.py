@@ -102,9 +102,9 @@ def load_student(model_args: ModelConfig, data_args: DataArgs):
     if peft_config is not None:  # expert weights adapted per expert (JetMoE banks, fused experts); all-linear resolved for MoEs
         expert_lora_config(peft_config, model)
         print(f"LoRA targets: {lora_targets(peft_config)}", file=sys.stderr)
+    if is_quantized(model) and peft_config is None:  # a checkpoint saved by `smoe-align quantize`
+        raise SmoeError("4-bit expert banks train adapters only", f"model_name_or_path {path} (a 4-bit model)", "set use_peft: true with lora_target_modules")
     if model.config.model_type == "jetmoe":
-        if is_quantized(model) and peft_config is None:
-            raise SmoeError("4-bit expert banks train adapters only", f"model_name_or_path {path} (a 4-bit model)", "set use_peft: true with lora_target_modules")
         if model_args.load_in_4bit and not is_quantized(model):  # QLoRA: the expert banks in NF4 (stock 4-bit loading leaves them untouched)
             quantize_experts(model, compute_dtype=model.dtype)
     tokenizer = load_tokenizer(path)

@@ -155,7 +155,7 @@ def fused_four_bit(rounds: int):
             q_time = min(q_time, best(lambda: fused_experts_forward(quantised, x, index, weights), 1))
     print(f"4-bit fused experts (Mixtral-style gate_up_proj + down_proj, {EXPERTS} x [{2 * WIDTH}, {HIDDEN}] + [{HIDDEN}, {WIDTH}]), {TOKENS} tokens top-{TOP_K}, bf16")
     print(f"  bytes: NF4 {nf4_bytes / 2**20:.1f} MiB vs bf16 {bf16_bytes / 2**20:.1f} MiB = {nf4_bytes / bf16_bytes:.3f}x")
-    print(f"  forward: bf16 transformers grouped_mm {bf16_time * 1e3:.1f} ms, NF4 per expert {q_time * 1e3:.1f} ms, ratio {q_time / bf16_time:.2f}x")
+    print(f"  forward: bf16 transformers grouped_mm {bf16_time * 1e3:.1f} ms, NF4 (experts with tokens dequantised together, grouped matmul) {q_time * 1e3:.1f} ms, ratio {q_time / bf16_time:.2f}x")
 
 
 def fused_lora_step(rounds: int, layers: int):

@@ -328,6 +328,8 @@ def test_a_4bit_fused_model_saves_reloads_without_quantizing_and_its_adapter_mer
     fast = ["--max_steps", "1", "--warmup_steps", "0", "--report_to", "none", "--per_device_train_batch_size", "4", "--learning_rate", "1e-2", "--load_in_4bit", "true", "--lora_target_modules", "[q_proj, experts]"]
     sft = tmp_path / "sft"
     assert main(["sft", "--config", "recipes/tiny/sft_lora.yaml", "--model_name_or_path", str(tmp_path / "q"), "--dataset_path", str(tmp_path / "data"), "--output_dir", str(sft), *fast]) == 0
+    full = ["--max_steps", "1", "--report_to", "none"]
+    assert main(["sft", "--config", "recipes/tiny/sft.yaml", "--model_name_or_path", str(tmp_path / "q"), "--dataset_path", str(tmp_path / "data"), "--output_dir", str(tmp_path / "full"), *full]) == 2
     merged = load_causal_lm(str(sft)).eval()
     assert not fused_quantized(merged) and not any("4bit" in type(m).__name__ for m in merged.modules())
     dequantized = load_causal_lm(str(tmp_path / "q")).dequantize()
