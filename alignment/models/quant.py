@@ -299,6 +299,16 @@ class NF4Experts(nn.Module):
         functional = bitsandbytes().functional
         return functional.dequantize_blockwise(self.absmax[expert], absmax=self.nested_absmax[expert], code=self.nested_code, blocksize=NESTED_BLOCKSIZE) + self.offset[expert]
 
+    def all_scales(self, experts: list[int]) -> torch.Tensor:
+        """The listed experts' block scales, end to end: in one call where each expert's scales fill
+        whole blocks of the double quantisation (real widths do), else expert by expert."""
+        blocks = self.absmax.shape[1]
+        if blocks % NESTED_BLOCKSIZE:
+            return torch.cat([self.scales(e) for e in experts])
+        functional = bitsandbytes().functional
+        scales = functional.dequantize_blockwise(self.absmax[experts].reshape(-1), absmax=self.nested_absmax[experts].reshape(-1), code=self.nested_code, blocksize=NESTED_BLOCKSIZE)
+        return scales + self.offset[experts].repeat_interleave(blocks)
+
     def dequantize(self, packed: torch.Tensor, experts: list[int]) -> torch.Tensor:
         """The listed experts' weights [len(experts), out, in] in compute dtype, every block of every
         listed expert dequantised in one bitsandbytes call."""
@@ -310,7 +320,7 @@ class NF4Experts(nn.Module):
         if self.in_features % BLOCKSIZE:  # bitsandbytes' CPU kernel lays out rows shorter than a block its own way
             return torch.stack([functional.dequantize_4bit(packed[e], state(self.scales(e), self.out_features)) for e in experts])
         chosen = packed if len(experts) == self.num_experts else packed[experts]
-        whole = state(torch.cat([self.scales(e) for e in experts]), len(experts) * self.out_features)
+        whole = state(self.all_scales(experts), len(experts) * self.out_features)
         return functional.dequantize_4bit(chosen.reshape(-1, 1), whole).view(len(experts), self.out_features, self.in_features)
 
     def forward(self, packed: torch.Tensor) -> torch.Tensor:
