@@ -111,7 +111,8 @@ class _Fused4bitQuantizer(Bnb4BitHfQuantizer):
             attach_nf4(module, name, getattr(module, name).data, states, transposed, compute_dtype)
         self.nf4_loaded = {}
         release_freed_memory()
-        setattr(model.config, MARK, {"quant_type": "nf4", "blocksize": BLOCKSIZE, "compute_dtype": str(compute_dtype).removeprefix("torch.")})
+        if self.fused:  # marks a checkpoint saved from it as one with NF4 experts (`is_quantized_checkpoint`)
+            setattr(model.config, MARK, {"quant_type": "nf4", "blocksize": BLOCKSIZE, "compute_dtype": str(compute_dtype).removeprefix("torch.")})
         return super()._process_model_after_weight_loading(model, **kwargs)
 
 
