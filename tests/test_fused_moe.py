@@ -273,7 +273,7 @@ def test_4bit_loading_quantizes_each_experts_weight_as_it_loads(family, tmp_path
     from alignment.models.quant import fused_quantized, quantize_fused_experts
 
     tiny(family).save_pretrained(tmp_path)
-    options = dict(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=["gate", "router", "lm_head"])
+    options = dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=["gate", "router", "lm_head"])
     loading, full_precision_seen = [], []
 
     def spy(weight, transposed):

@@ -46,8 +46,8 @@ class Fused4bitConfig(BitsAndBytesConfig):
     read from the checkpoint, before the next one is read. A checkpoint saved from such a model records
     this method and reloads in 4-bit as it is."""
 
-    def __init__(self, load_in_4bit: bool = True, **kwargs):
-        super().__init__(load_in_4bit=load_in_4bit, **kwargs)
+    def __init__(self, load_in_4bit: bool = True, bnb_4bit_quant_type: str = "nf4", **kwargs):
+        super().__init__(load_in_4bit=load_in_4bit, bnb_4bit_quant_type=bnb_4bit_quant_type, **kwargs)
         self.quant_method = FUSED_4BIT_METHOD
 
     def to_dict(self) -> dict:
