@@ -16,8 +16,7 @@ from alignment.errors import SmoeError
 from alignment.manifest import is_main_process, write_manifest
 from alignment.models.jetmoe import adapter_base, load_causal_lm, load_tokenizer, root_model
 from alignment.models.lora import expert_lora_config, lora_targets
-from alignment.models.moe import fused_experts
-from alignment.models.quant import bitsandbytes, fused_quantized, is_quantized, quantize_experts, quantize_fused_experts
+from alignment.models.quant import is_quantized, quantize_experts, usable_bitsandbytes
 
 
 @dataclass
@@ -93,21 +92,19 @@ def load_student(model_args: ModelConfig, data_args: DataArgs):
     if model_args.load_in_4bit and peft_config is None:
         raise SmoeError("4-bit weights train adapters only", "recipe key load_in_4bit", "set use_peft: true with lora_target_modules")
     if model_args.load_in_4bit:
-        bitsandbytes()  # before the model loads: a missing package is reported at once
+        usable_bitsandbytes()  # before the model loads: a missing or unusable package is reported at once
     if model_args.dtype == "float16" and not torch.cuda.is_available():
         raise SmoeError("float16 weights do not train on the CPU (autocast there is bfloat16 only)", "recipe key dtype (torch_dtype)", "use bfloat16 or float32 on the CPU")
     extra = {}
     if model_args.load_in_4bit and model_type(path) != "jetmoe":
         extra["quantization_config"] = linear_4bit_config(model_args, path)
     model = load_causal_lm(path, model_args.dtype, attn_implementation=model_args.attn_implementation, **extra)
-    if model_args.load_in_4bit and fused_experts(model) and not fused_quantized(model):  # QLoRA: fused 3-D experts in NF4 too
-        quantize_fused_experts(model, compute_dtype=next(p.dtype for p in model.parameters() if p.is_floating_point()))
     if peft_config is not None:  # expert weights adapted per expert (JetMoE banks, fused experts); all-linear resolved for MoEs
         expert_lora_config(peft_config, model)
         print(f"LoRA targets: {lora_targets(peft_config)}", file=sys.stderr)
+    if is_quantized(model) and peft_config is None:  # a checkpoint saved by `smoe-align quantize`
+        raise SmoeError("4-bit expert banks train adapters only", f"model_name_or_path {path} (a 4-bit model)", "set use_peft: true with lora_target_modules")
     if model.config.model_type == "jetmoe":
-        if is_quantized(model) and peft_config is None:
-            raise SmoeError("4-bit expert banks train adapters only", f"model_name_or_path {path} (a 4-bit model)", "set use_peft: true with lora_target_modules")
         if model_args.load_in_4bit and not is_quantized(model):  # QLoRA: the expert banks in NF4 (stock 4-bit loading leaves them untouched)
             quantize_experts(model, compute_dtype=model.dtype)
     tokenizer = load_tokenizer(path)
@@ -141,12 +138,12 @@ LINEAR_4BIT_SKIP = ["gate", "router", "lm_head"]
 
 def linear_4bit_config(model_args: ModelConfig, path: str):
     """transformers' own 4-bit loading (NF4 nn.Linear layers) for models without JetMoE expert banks;
-    routers and lm_head stay in full precision. 3-D fused expert weights are not nn.Linear: `quantize_fused_experts` takes them."""
-    from transformers import BitsAndBytesConfig
+    routers and lm_head stay in full precision. Its quantizer also takes 3-D fused expert weights (not nn.Linear) to NF4 as they load."""
+    from alignment.models.fused_4bit import Fused4bitConfig
 
     dtype = model_args.dtype if model_args.dtype not in (None, "auto") else "bfloat16"
-    print(f"note: load_in_4bit quantizes the nn.Linear layers of {path} to {model_args.bnb_4bit_quant_type}; routers and lm_head keep {dtype}; fused 3-D experts go to NF4 per expert after loading", file=sys.stderr)
-    return BitsAndBytesConfig(
+    print(f"note: load_in_4bit quantizes the nn.Linear layers of {path} to {model_args.bnb_4bit_quant_type}; routers and lm_head keep {dtype}; fused 3-D experts go to NF4 per expert as they load", file=sys.stderr)
+    return Fused4bitConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=model_args.bnb_4bit_quant_type,
         bnb_4bit_use_double_quant=model_args.use_bnb_nested_quant,

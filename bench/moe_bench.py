@@ -13,7 +13,14 @@ Mid size: hidden 1024, expert width 2816, 8 experts top-2 in both banks, 2048 to
    through grouped matmul) against the frozen step and against PEFT `target_parameters` on the same
    grouped_mm experts, with the same factors.
 
-usage: python bench/moe_bench.py [--rounds 3] [--layers 2] [--only jetmoe|fused]
+4. Loading memory: the CPU peak resident memory of loading a saved Mixtral-style model (8 layers, the
+   same widths, bf16 safetensors shards) with `load_in_4bit` (nn.Linear through bitsandbytes, fused
+   experts to NF4 as they load) against a plain bf16 load, each in a fresh process, above the
+   process's resident memory before loading.
+
+usage: python bench/moe_bench.py [--rounds 3] [--layers 2] [--threads N] [--only jetmoe|fused|load]
+(--threads 1 on a machine that other jobs share: with more threads than free cores, every small
+matmul waits for a descheduled thread and the ratios measure the scheduler)
 """
 
 import argparse
@@ -148,7 +155,7 @@ def fused_four_bit(rounds: int):
             q_time = min(q_time, best(lambda: fused_experts_forward(quantised, x, index, weights), 1))
     print(f"4-bit fused experts (Mixtral-style gate_up_proj + down_proj, {EXPERTS} x [{2 * WIDTH}, {HIDDEN}] + [{HIDDEN}, {WIDTH}]), {TOKENS} tokens top-{TOP_K}, bf16")
     print(f"  bytes: NF4 {nf4_bytes / 2**20:.1f} MiB vs bf16 {bf16_bytes / 2**20:.1f} MiB = {nf4_bytes / bf16_bytes:.3f}x")
-    print(f"  forward: bf16 transformers grouped_mm {bf16_time * 1e3:.1f} ms, NF4 per expert {q_time * 1e3:.1f} ms, ratio {q_time / bf16_time:.2f}x")
+    print(f"  forward: bf16 transformers grouped_mm {bf16_time * 1e3:.1f} ms, NF4 (experts with tokens dequantised together, grouped matmul) {q_time * 1e3:.1f} ms, ratio {q_time / bf16_time:.2f}x")
 
 
 def fused_lora_step(rounds: int, layers: int):
@@ -184,19 +191,68 @@ def fused_lora_step(rounds: int, layers: int):
     print(f"  max |logits difference| expert LoRA vs target_parameters: {diff:.2e}")
 
 
+LOAD = """
+import sys, threading, time, torch
+from transformers import AutoModelForCausalLM
+from alignment.models.fused_4bit import Fused4bitConfig
+
+def resident():  # anonymous memory (what the process owns) and mapped file pages (the checkpoint), bytes
+    fields = dict(line.split(":") for line in open("/proc/self/status") if line.startswith(("RssAnon", "RssFile")))
+    return [int(fields[k].split()[0]) * 1024 for k in ("RssAnon", "RssFile")]
+
+base, peak, done = resident(), [0, 0], False
+def sample():
+    while not done:
+        peak[:] = [max(p, r) for p, r in zip(peak, resident())]
+        time.sleep(0.005)
+threading.Thread(target=sample, daemon=True).start()
+options = dict(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16, llm_int8_skip_modules=["gate", "lm_head"])
+extra = dict(quantization_config=Fused4bitConfig(**options)) if sys.argv[2] == "4bit" else {}
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16, **extra)
+for p in model.parameters():  # every weight read once, as the first training step will
+    p.sum()
+time.sleep(0.05)
+done = True
+print(peak[0] - base[0], peak[1] - base[1])
+"""
+
+
+def loading_memory(layers: int = 8):
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        mixtral(layers, torch.bfloat16).save_pretrained(folder, max_shard_size="100MB")
+        bf16_bytes = sum(p.numel() * 2 for p in mixtral(layers, torch.bfloat16).parameters())
+        peak = {}
+        for kind in ("bf16", "4bit"):
+            out = subprocess.run([sys.executable, "-c", LOAD, folder, kind], capture_output=True, text=True, check=True).stdout.split()
+            peak[kind] = [int(x) for x in out[-2:]]
+    print(f"loading a {layers}-layer Mixtral-style model from bf16 safetensors shards of 100 MB ({bf16_bytes / 2**20:.0f} MiB in bf16) and reading every weight once, CPU,")
+    print("  peak resident memory above the process before loading: anonymous (owned) + mapped checkpoint pages")
+    for kind, name in (("bf16", "bf16 load"), ("4bit", "load_in_4bit, experts NF4 as they load")):
+        print(f"  {name}: {peak[kind][0] / 2**20:.0f} MiB + {peak[kind][1] / 2**20:.0f} MiB mapped")
+    print(f"  ratio 4-bit / bf16, anonymous: {peak['4bit'][0] / peak['bf16'][0]:.2f}x   anonymous + mapped: {sum(peak['4bit']) / sum(peak['bf16']):.2f}x")
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--only", choices=["jetmoe", "fused"], default=None)
+    parser.add_argument("--only", choices=["jetmoe", "fused", "load"], default=None)
+    parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    if args.only != "fused":
+    if args.only in (None, "jetmoe"):
         four_bit(args.rounds)
         lora_step(args.rounds, args.layers)
-    if args.only != "jetmoe":
+    if args.only in (None, "fused"):
         fused_four_bit(args.rounds)
         fused_lora_step(args.rounds, args.layers)
+    if args.only in (None, "load"):
+        loading_memory()
 
 
 if __name__ == "__main__":

@@ -173,7 +173,7 @@ def test_nf4_fused_experts_per_expert_with_lora(family, monkeypatch):
     assert fused_quantized(quantized)
     experts = quantized.model.layers[0].mlp.experts
     nf4 = [p for p in experts.parametrizations.down_proj if isinstance(p, NF4Experts)][0]
-    assert len(nf4.states) == 4 and all(s.nested for s in nf4.states)  # one state per expert, double quantised
+    assert nf4.num_experts == 4 and nf4.absmax.dtype == torch.uint8 and nf4.nested_absmax.shape[0] == 4  # per expert, block scales double quantised
     assert experts.parametrizations.down_proj.original.dtype == torch.uint8
     nf4_bytes = sum(
         [p for p in m.parametrizations[name] if isinstance(p, NF4Experts)][0].storage_bytes(m.parametrizations[name].original)
@@ -261,3 +261,115 @@ def test_a_target_that_matches_nothing_is_refused(tmp_path, capsys):
     model = tiny("mixtral")
     with pytest.raises(SmoeError, match="input_linear"):
         expert_lora_config(LoraConfig(r=2, lora_dropout=0.0, target_modules=["q_proj", "input_linear"]), model)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_4bit_loading_quantizes_each_experts_weight_as_it_loads(family, tmp_path, monkeypatch):
+    """load_in_4bit on a fused MoE: nn.Linear layers through bitsandbytes, expert weights in NF4 per
+    expert while the checkpoint is read, so no full-precision experts weight waits in the model for
+    the others; the model equals the one quantized after a full load."""
+    import alignment.models.fused_4bit as fused_4bit
+    from alignment.models.fused_4bit import Fused4bitConfig
+    from alignment.models.quant import fused_quantized, quantize_fused_experts
+
+    tiny(family).save_pretrained(tmp_path)
+    options = dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=["gate", "router", "lm_head"])
+    loading, full_precision_seen = [], []
+
+    def spy(weight, transposed):
+        model = loading[0]
+        full_precision_seen.append(sum(p.dim() == 3 and p.is_floating_point() and not p.is_meta for n, p in model.named_parameters() if n.endswith(("gate_up_proj", "down_proj"))))
+        return quantize_bank(weight, transposed)
+
+    quantize_bank = fused_4bit.quantize_bank
+    original_before = fused_4bit._Fused4bitQuantizer._process_model_before_weight_loading
+    monkeypatch.setattr(fused_4bit._Fused4bitQuantizer, "_process_model_before_weight_loading", lambda self, model, *a, **k: (loading.append(model), original_before(self, model, *a, **k))[1])
+    monkeypatch.setattr(fused_4bit, "quantize_bank", spy)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, quantization_config=Fused4bitConfig(**options)).train()
+    monkeypatch.undo()
+    assert full_precision_seen == [0, 0, 0, 0]  # 2 layers x gate/up and down, each packed before the next is read
+    assert fused_quantized(loaded) and not any(p.dim() == 3 and p.is_floating_point() for p in loaded.parameters())
+    assert type(loaded.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    after = quantize_fused_experts(transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, quantization_config=transformers.BitsAndBytesConfig(**options)), torch.float32).train()
+    with torch.no_grad():  # train mode: bitsandbytes' CPU inference repacking needs rows of 64 or more
+        assert torch.equal(loaded(ids()).logits, after(ids()).logits)
+
+
+def test_a_4bit_fused_model_saves_reloads_without_quantizing_and_its_adapter_merges(tmp_path, monkeypatch):
+    """`smoe-align quantize` on a fused MoE: reloading reads the packed weights and NF4 states as they
+    are (no quantizing, no full-size bank), with logits equal to the model as quantized; QLoRA from it
+    trains, and its adapter merges into the dequantized weights (stock PEFT gives the same logits)."""
+    import alignment.models.fused_4bit as fused_4bit
+    from alignment.cli import main
+    from alignment.models.jetmoe import load_causal_lm
+    from alignment.models.quant import NF4Experts, fused_quantized, is_quantized_checkpoint
+
+    base = tmp_path / "base"
+    tiny("mixtral").save_pretrained(base)
+    build_tokenizer().save_pretrained(base)
+    assert main(["quantize", "--model_name_or_path", str(base), "--output_dir", str(tmp_path / "q"), "--dtype", "float32"]) == 0
+    assert is_quantized_checkpoint(tmp_path / "q")
+    options = dict(bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32, bnb_4bit_use_double_quant=True, llm_int8_skip_modules=["gate", "router", "lm_head"])  # as quantize does
+    quantized = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, quantization_config=fused_4bit.Fused4bitConfig(**options)).train()
+
+    def refused(*args, **kwargs):
+        raise AssertionError("reloading quantized or built a full-size bank")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(fused_4bit, "quantize_bank", refused)
+        patch.setattr(NF4Experts, "forward", refused)
+        reloaded = load_causal_lm(str(tmp_path / "q")).train()
+        assert fused_quantized(reloaded) and type(reloaded.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+        assert not any(p.is_floating_point() and p.dim() == 3 for p in reloaded.parameters())
+        with torch.no_grad():  # train mode: bitsandbytes' CPU inference repacking needs rows of 64 or more
+            assert torch.equal(reloaded(ids()).logits, quantized(ids()).logits)
+
+    assert main(["teacher-sft", "--config", "recipes/tiny/teacher_sft.yaml", "--prompts_per_skill", "4", "--output_dir", str(tmp_path / "data")]) == 0
+    fast = ["--max_steps", "1", "--warmup_steps", "0", "--report_to", "none", "--per_device_train_batch_size", "4", "--learning_rate", "1e-2", "--load_in_4bit", "true", "--lora_target_modules", "[q_proj, experts]"]
+    sft = tmp_path / "sft"
+    assert main(["sft", "--config", "recipes/tiny/sft_lora.yaml", "--model_name_or_path", str(tmp_path / "q"), "--dataset_path", str(tmp_path / "data"), "--output_dir", str(sft), *fast]) == 0
+    full = ["--max_steps", "1", "--report_to", "none"]
+    assert main(["sft", "--config", "recipes/tiny/sft.yaml", "--model_name_or_path", str(tmp_path / "q"), "--dataset_path", str(tmp_path / "data"), "--output_dir", str(tmp_path / "full"), *full]) == 2
+    merged = load_causal_lm(str(sft)).eval()
+    assert not fused_quantized(merged) and not any("4bit" in type(m).__name__ for m in merged.modules())
+    dequantized = load_causal_lm(str(tmp_path / "q")).dequantize()
+    stock = PeftModel.from_pretrained(dequantized, sft).eval()
+    with torch.no_grad():
+        merged_logits = merged(ids()).logits
+        torch.testing.assert_close(merged_logits, stock(ids()).logits, atol=1e-5, rtol=0)
+        with stock.disable_adapter():
+            assert (merged_logits - stock(ids()).logits).abs().max() > 1e-3  # the adapter does something
+
+
+def test_an_expert_weight_named_as_a_module_is_refused_with_the_module_to_name():
+    with pytest.raises(SmoeError, match="gate_up_proj is a weight of the fused experts: name their module, experts, to adapt down_proj and gate_up_proj"):
+        expert_lora_config(LoraConfig(r=2, lora_dropout=0.0, target_modules=["q_proj", "gate_up_proj"]), tiny("mixtral"))
+
+
+def test_4bit_keys_that_cannot_be_honoured_stop_with_the_key_and_the_fix(tmp_path, monkeypatch, capsys):
+    """fp4 for fused experts (held in NF4 only), and a bitsandbytes that imports but cannot run 4-bit here."""
+    import bitsandbytes.functional
+
+    from alignment.cli import main
+    from alignment.models import quant
+
+    tiny("mixtral").save_pretrained(tmp_path / "base")
+    build_tokenizer().save_pretrained(tmp_path / "base")
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"messages": [{"role": "user", "content": "sort 21"}, {"role": "assistant", "content": "Answer: 12"}]}\n' * 4)
+    sft = ["sft", "--config", "recipes/tiny/sft_lora.yaml", "--model_name_or_path", str(tmp_path / "base"), "--dataset_path", str(data), "--output_dir", str(tmp_path / "o"), "--max_steps", "1", "--report_to", "none", "--load_in_4bit", "true"]
+    assert main([*sft, "--bnb_4bit_quant_type", "fp4"]) == 2
+    assert "recipe key bnb_4bit_quant_type: bnb_4bit_quant_type fp4: fused expert weights are held in NF4 only" in capsys.readouterr().err
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no kernel for this device")
+
+    quant.usable_bitsandbytes.cache_clear()
+    monkeypatch.setattr(bitsandbytes.functional, "quantize_4bit", broken)
+    sft[sft.index(str(tmp_path / "o"))] = str(tmp_path / "o2")
+    assert main(sft) == 2
+    err = capsys.readouterr().err
+    assert "recipe key load_in_4bit: bitsandbytes" in err and "cannot run 4-bit weights on cpu (RuntimeError: no kernel for this device)" in err
+    assert "set load_in_4bit: false" in err
+    monkeypatch.undo()
+    quant.usable_bitsandbytes.cache_clear()

@@ -1,6 +1,7 @@
 """4-bit NF4 experts for QLoRA: per-expert products, storage, training, and adapters that move to full precision."""
 
 import bitsandbytes.functional as bnbf
+import pytest
 import torch
 from safetensors.torch import load_file
 from transformers.models.jetmoe.modeling_jetmoe import JetMoeParallelExperts
@@ -73,3 +74,28 @@ def test_a_quantized_model_saves_and_reloads_without_quantizing_again(micro_mode
     merged = load_causal_lm(str(tmp_path / "sft"))
     assert not any(isinstance(m, QuantizedExperts) for m in merged.modules())
     assert main(["sft", "--config", "recipes/tiny/sft.yaml", "--model_name_or_path", str(tmp_path / "q"), "--dataset_path", str(tmp_path / "data"), "--output_dir", str(tmp_path / "full")]) == 2
+
+
+@pytest.mark.parametrize("out", [96, 128])  # 192 block scales per expert, or exactly one block (256) of their own scales
+def test_fused_nf4_experts_dequantise_together_exactly_as_one_by_one(out):
+    """The experts that receive tokens are dequantised in one call and multiplied by one grouped
+    matmul, forward and backward; the result equals bitsandbytes expert by expert, bit for bit."""
+    from alignment.models.quant import NF4Experts
+
+    torch.manual_seed(0)
+    weight = torch.randn(4, out, 128) * 0.02  # [E, out, in]; rows as long as two blocks
+    packed, states = zip(*(bnbf.quantize_4bit(w.contiguous(), blocksize=64, quant_type="nf4", compress_statistics=True) for w in weight))
+    nf4, packed = NF4Experts.from_states(list(states), transposed=False, compute_dtype=torch.float32), torch.stack(packed)
+    one_by_one = torch.stack([bnbf.dequantize_4bit(p, s) for p, s in zip(packed, states)])
+    assert torch.equal(nf4.dequantize(packed, [0, 1, 2, 3]), one_by_one)
+    assert torch.equal(nf4.dequantize(packed, [1, 3]), one_by_one[[1, 3]])
+    sizes = [3, 0, 5, 2]  # an expert without tokens is never dequantised
+    x = torch.randn(sum(sizes), 128, requires_grad=True)
+    reference_x = x.detach().clone().requires_grad_()
+    y = nf4.matmul(packed, x, sizes)
+    reference = torch.cat([chunk @ one_by_one[e].t() for e, chunk in enumerate(reference_x.split(sizes))])
+    torch.testing.assert_close(y, reference, atol=1e-6, rtol=0)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    reference.backward(grad)
+    torch.testing.assert_close(x.grad, reference_x.grad, atol=1e-6, rtol=0)

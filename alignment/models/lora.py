@@ -292,7 +292,9 @@ def check_targets(config, model) -> None:
     if unmatched:
         banks = expert_modules(model)
         leaves = sorted({n.rpartition(".")[2] for n, m in model.named_modules() if isinstance(m, nn.Linear) or n in banks})
-        raise SmoeError(f"lora_target_modules {unmatched} match no module of the model", "recipe key lora_target_modules", f"use names from {leaves}, or all-linear")
+        weights = {w: name.rpartition(".")[2] for name, m in fused_experts(model).items() for w in fused_layout(m).weight_names}
+        hint = [f"{t} is a weight of the fused experts: name their module, {weights[t]}, to adapt {' and '.join(sorted(k for k, v in weights.items() if v == weights[t]))}" for t in unmatched if t in weights]
+        raise SmoeError(f"lora_target_modules {unmatched} match no module of the model", "recipe key lora_target_modules", "; ".join([*hint, f"use names from {leaves}, or all-linear"]))
 
 
 def lora_targets(config) -> dict:

@@ -54,9 +54,8 @@ def weight_shape(module: nn.Module, name: str) -> tuple | None:
     """The 3-D shape of a fused weight, without dequantising it when it is held in NF4."""
     nf4 = nf4_parametrization(module, name)
     if nf4 is not None:
-        out, in_ = nf4.states[0].shape
-        shape = (len(nf4.states), in_, out) if nf4.transposed else (len(nf4.states), out, in_)
-        return torch.Size(shape)
+        out, in_ = nf4.out_features, nf4.in_features
+        return torch.Size((nf4.num_experts, in_, out) if nf4.transposed else (nf4.num_experts, out, in_))
     weight = getattr(module, name, None)
     return weight.shape if isinstance(weight, torch.Tensor) else None
 
@@ -131,7 +130,7 @@ def expert_weights(model: nn.Module) -> list[tuple[str, int, int, int]]:
 def _project(module, layout: FusedExperts, name: str, x, sizes, expert_ids, lora):
     """x [tokens sorted by expert, in] through weight `name` of every expert, plus each LoRA x A^T B^T * s."""
     nf4 = nf4_parametrization(module, name)
-    if nf4 is not None:  # 4-bit experts: one expert dequantised at a time, never the bank
+    if nf4 is not None:  # 4-bit experts: those with tokens dequantised for this product only, nothing kept
         y = nf4.matmul(module.parametrizations[name].original, x, sizes)
     else:
         weight = getattr(module, name)

@@ -1,4 +1,4 @@
-"""4-bit NF4 expert weights for QLoRA on JetMoE.
+"""4-bit NF4 expert weights for QLoRA: JetMoE banks and fused experts.
 
 bitsandbytes' 4-bit loading converts only `nn.Linear`, which leaves JetMoE's 3-D expert banks (about
 96% of the model) in full precision. Here every expert of every bank is quantised on its own with
@@ -12,8 +12,14 @@ unchanged, and an adapter trained on it loads onto the full-precision model and 
 A quantised model saves and reloads: each expert's quantisation state goes into the state dict beside
 its packed weights, and `config.quantized_experts` marks the checkpoint, so a second QLoRA run loads
 the 4-bit model as it is instead of quantising a full-precision copy again (`smoe-align quantize`).
+
+The other families keep their experts as fused 3-D weights (`alignment.models.moe`): `NF4Experts`
+holds one of them in NF4 per expert as a parametrization of the module, quantized while the model
+loads (`alignment.models.fused_4bit`) and multiplied by dequantising the experts that receive tokens
+in one call for one grouped matmul.
 """
 
+import functools
 import json
 import time
 from dataclasses import dataclass
@@ -24,6 +30,7 @@ from torch import nn
 from transformers.models.jetmoe.modeling_jetmoe import JetMoeParallelExperts
 
 from alignment.errors import SmoeError
+from alignment.models.experts import grouped_linear
 
 BLOCKSIZE = 64
 MARK = "quantized_experts"  # the config key that marks a checkpoint with NF4 expert banks
@@ -35,6 +42,26 @@ def bitsandbytes():
         import bitsandbytes.functional  # noqa: F401  (loads the submodule)
     except ImportError:
         raise SmoeError("4-bit expert banks need bitsandbytes, which is not installed", "recipe key load_in_4bit", "pip install bitsandbytes (or the package's [quant] extra)") from None
+    return bnb
+
+
+@functools.cache
+def usable_bitsandbytes():
+    """bitsandbytes, checked by an NF4 round trip on the device training will use: an install whose
+    native library or device backend is missing imports fine and fails only at the first 4-bit weight."""
+    bnb = bitsandbytes()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        probe = torch.linspace(-1, 1, 2 * BLOCKSIZE, device=device).view(2, BLOCKSIZE)
+        back = bnb.functional.dequantize_4bit(*bnb.functional.quantize_4bit(probe, blocksize=BLOCKSIZE, quant_type="nf4", compress_statistics=True))
+        if not torch.allclose(back, probe, atol=0.15):  # half the widest gap between NF4 values
+            raise RuntimeError("an NF4 round trip came back wrong")
+    except (RuntimeError, NotImplementedError, AttributeError, OSError) as err:
+        raise SmoeError(
+            f"bitsandbytes {getattr(bnb, '__version__', '?')} is installed but cannot run 4-bit weights on {device} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})",
+            "recipe key load_in_4bit",
+            "install a bitsandbytes build for this device (pip install -U bitsandbytes), or set load_in_4bit: false",
+        ) from None
     return bnb
 
 
@@ -130,11 +157,15 @@ def quantize_experts(model: nn.Module, compute_dtype: torch.dtype = torch.bfloat
 
 
 def is_quantized(model: nn.Module) -> bool:
-    return any(isinstance(m, QuantizedExperts) for m in model.modules())
+    """Expert weights held in NF4: JetMoE banks, or fused experts (loaded with `fused_4bit.Fused4bitConfig`)."""
+    return any(isinstance(m, (QuantizedExperts, NF4Experts)) for m in model.modules())
 
 
 def dequantize_experts(model: nn.Module) -> nn.Module:
-    """Every NF4 bank back in the model's dtype, in place (an adapter trained on 4-bit merges into these)."""
+    """Every NF4 bank back in the model's dtype, in place (an adapter trained on 4-bit merges into these);
+    a model loaded in 4-bit by transformers (fused experts) also gets its Linear4bit layers back."""
+    if getattr(model, "hf_quantizer", None) is not None:
+        return model.dequantize()
     for name, bank in _banks(model, QuantizedExperts):
         _replace(model, name, bank.dequantized(bank.compute_dtype))
     if hasattr(model.config, MARK):
@@ -155,6 +186,13 @@ def load_quantized(path: str | Path, **kwargs) -> nn.Module:
 
     config = AutoConfig.from_pretrained(path)
     compute_dtype = getattr(torch, getattr(config, MARK)["compute_dtype"])
+    if getattr(config, "quantization_config", None) is not None:  # fused experts: transformers loads it through our quantizer
+        import alignment.models.fused_4bit  # noqa: F401  (registers the method)
+
+        kwargs.pop("quantization_config", None)  # the checkpoint's own
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=compute_dtype, **kwargs)
+        model.name_or_path = str(path)
+        return model
     with init_empty_weights():  # parameters on the meta device until the checkpoint's own are assigned
         model = AutoModelForCausalLM.from_config(config, dtype=compute_dtype, **kwargs)
     for name, bank in _banks(model, JetMoeParallelExperts):
@@ -171,6 +209,17 @@ def load_quantized(path: str | Path, **kwargs) -> nn.Module:
     return model
 
 
+def _model_type(path: str) -> str | None:
+    from transformers import AutoConfig
+
+    from alignment.models.jetmoe import root_model
+
+    try:
+        return AutoConfig.from_pretrained(root_model(path)).model_type
+    except (OSError, ValueError):
+        return None  # load_causal_lm says what is wrong with the path
+
+
 @dataclass
 class QuantizeArgs:
     model_name_or_path: str = ""
@@ -179,20 +228,33 @@ class QuantizeArgs:
 
 
 def run(args: QuantizeArgs):
-    """smoe-align quantize: a model (or adapter chain, merged) saved with NF4 expert banks, for QLoRA runs."""
+    """smoe-align quantize: a model (or adapter chain, merged) saved with NF4 expert weights, for QLoRA runs.
+    JetMoE banks are quantized after loading; other families (fused experts) while loading, with their
+    nn.Linear layers in bitsandbytes 4-bit too."""
     from alignment.manifest import write_manifest
     from alignment.models.jetmoe import load_causal_lm, load_tokenizer
 
     started = time.time()
     if not args.model_name_or_path or not args.output_dir:
         raise SmoeError("quantize needs model_name_or_path and output_dir", "recipe", "set both")
-    model = load_causal_lm(args.model_name_or_path, args.dtype)
-    if not _banks(model, JetMoeParallelExperts):
-        raise SmoeError("the model has no JetMoE expert banks to quantize", args.model_name_or_path, "quantize a JetMoE model")
-    quantize_experts(model, model.dtype)
+    usable_bitsandbytes()
+    if _model_type(args.model_name_or_path) == "jetmoe":
+        model = load_causal_lm(args.model_name_or_path, args.dtype)
+        quantize_experts(model, model.dtype)
+    else:  # fused experts and nn.Linear layers quantized as they load; routers and lm_head kept
+        from alignment.models.fused_4bit import Fused4bitConfig
+
+        compute = getattr(torch, args.dtype)
+        config = Fused4bitConfig(bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute, llm_int8_skip_modules=["gate", "router", "lm_head"])
+        model = load_causal_lm(args.model_name_or_path, args.dtype, quantization_config=config)
+        if not fused_quantized(model):
+            raise SmoeError("the model has no expert weights to quantize (neither JetMoE banks nor fused 3-D experts)", args.model_name_or_path, "quantize an MoE model; dense models load in 4-bit directly with load_in_4bit: true")
     model.save_pretrained(args.output_dir)
     load_tokenizer(args.model_name_or_path).save_pretrained(args.output_dir)
     write_manifest(args.output_dir, "quantize", started, source=args.model_name_or_path)
+
+
+NESTED_BLOCKSIZE = 256  # bitsandbytes' blocks for the double quantisation of the block scales
 
 
 class NF4Experts(nn.Module):
@@ -201,37 +263,99 @@ class NF4Experts(nn.Module):
     It is registered as a parametrization of the experts module's weight, so the module keeps its
     class, its flags and its parameter names (PEFT's `target_parameters` and the expert LoRA find them
     as before). Reading the weight dequantises the whole bank (PEFT reads shapes and merges through it);
-    `fused_experts_forward` instead calls `matmul`, which dequantises one expert at a time for its own
-    tokens, in forward and again in backward."""
+    `fused_experts_forward` instead calls `matmul`, which dequantises only the experts that receive
+    tokens, in one call, for one grouped matmul, in forward and again in backward.
 
-    def __init__(self, states: list, transposed: bool, compute_dtype: torch.dtype):
+    Each expert's bitsandbytes quantisation state lives in buffers, so it saves, loads and moves with
+    the model: absmax [E, blocks] (block scales, 8-bit), nested_absmax [E, blocks / 256] and offset [E]
+    (their own scales), nested_code [256] (the 8-bit code of the scales), code [16] (NF4's values)."""
+
+    def __init__(self, num_experts: int, out_features: int, in_features: int, transposed: bool, compute_dtype: torch.dtype, device=None):
         super().__init__()
-        self.states, self.transposed, self.compute_dtype = states, transposed, compute_dtype
+        self.num_experts, self.out_features, self.in_features = num_experts, out_features, in_features
+        self.transposed, self.compute_dtype = transposed, compute_dtype
+        blocks = out_features * in_features // BLOCKSIZE
+        self.register_buffer("absmax", torch.empty(num_experts, blocks, dtype=torch.uint8, device=device))
+        self.register_buffer("nested_absmax", torch.empty(num_experts, -(-blocks // NESTED_BLOCKSIZE), dtype=torch.float32, device=device))
+        self.register_buffer("offset", torch.empty(num_experts, dtype=torch.float32, device=device))
+        self.register_buffer("nested_code", torch.empty(256, dtype=torch.float32, device=device))
+        self.register_buffer("code", torch.empty(16, dtype=torch.float32, device=device))
+
+    @classmethod
+    def from_states(cls, states: list, transposed: bool, compute_dtype: torch.dtype) -> "NF4Experts":
+        """From the E states `quantize_4bit` returned (NF4, blocks of 64, compressed statistics)."""
+        first = states[0]
+        nf4 = cls(len(states), *first.shape, transposed, compute_dtype, device=first.absmax.device)
+        with torch.no_grad():
+            nf4.absmax.copy_(torch.stack([s.absmax for s in states]))
+            nf4.nested_absmax.copy_(torch.stack([s.state2.absmax for s in states]))
+            nf4.offset.copy_(torch.stack([s.offset.reshape(()) for s in states]))
+            nf4.nested_code.copy_(first.state2.code)
+            nf4.code.copy_(first.code)
+        return nf4
+
+    def scales(self, expert: int) -> torch.Tensor:
+        """One expert's block scales [blocks] in float32, undone from their double quantisation."""
+        functional = bitsandbytes().functional
+        return functional.dequantize_blockwise(self.absmax[expert], absmax=self.nested_absmax[expert], code=self.nested_code, blocksize=NESTED_BLOCKSIZE) + self.offset[expert]
+
+    def all_scales(self, experts: list[int]) -> torch.Tensor:
+        """The listed experts' block scales, end to end: in one call where each expert's scales fill
+        whole blocks of the double quantisation (real widths do), else expert by expert."""
+        blocks = self.absmax.shape[1]
+        if blocks % NESTED_BLOCKSIZE:
+            return torch.cat([self.scales(e) for e in experts])
+        functional = bitsandbytes().functional
+        scales = functional.dequantize_blockwise(self.absmax[experts].reshape(-1), absmax=self.nested_absmax[experts].reshape(-1), code=self.nested_code, blocksize=NESTED_BLOCKSIZE)
+        return scales + self.offset[experts].repeat_interleave(blocks)
+
+    def dequantize(self, packed: torch.Tensor, experts: list[int]) -> torch.Tensor:
+        """The listed experts' weights [len(experts), out, in] in compute dtype, every block of every
+        listed expert dequantised in one bitsandbytes call."""
+        functional = bitsandbytes().functional
+
+        def state(scales, rows):
+            return functional.QuantState(scales.float(), shape=(rows, self.in_features), code=self.code, blocksize=BLOCKSIZE, quant_type="nf4", dtype=self.compute_dtype)
+
+        if self.in_features % BLOCKSIZE:  # bitsandbytes' CPU kernel lays out rows shorter than a block its own way
+            return torch.stack([functional.dequantize_4bit(packed[e], state(self.scales(e), self.out_features)) for e in experts])
+        chosen = packed if len(experts) == self.num_experts else packed[experts]
+        whole = state(self.all_scales(experts), len(experts) * self.out_features)
+        return functional.dequantize_4bit(chosen.reshape(-1, 1), whole).view(len(experts), self.out_features, self.in_features)
 
     def forward(self, packed: torch.Tensor) -> torch.Tensor:
-        dequantize_4bit = bitsandbytes().functional.dequantize_4bit
-        bank = torch.stack([dequantize_4bit(p, state) for p, state in zip(packed, self.states)]).to(self.compute_dtype)
+        bank = self.dequantize(packed, list(range(self.num_experts)))
         return bank.transpose(1, 2) if self.transposed else bank
 
     def matmul(self, packed: torch.Tensor, inputs: torch.Tensor, expert_size: list[int]) -> torch.Tensor:
-        """inputs [tokens sorted by expert, in] -> [tokens, out], expert by expert."""
-        bnb = bitsandbytes()
-        x = inputs.to(self.compute_dtype)
-        return torch.cat([bnb.matmul_4bit(chunk, p.t(), quant_state=state) for chunk, p, state in zip(x.split(expert_size), packed, self.states)])
+        """inputs [tokens sorted by expert, in] -> [tokens, out]: the experts that receive tokens are
+        dequantised together for one grouped matmul, and again in backward (nothing full-size is kept)."""
+        return _NF4GroupedMatmul.apply(inputs.to(self.compute_dtype), packed, self, expert_size)
 
     def storage_bytes(self, packed: torch.Tensor) -> int:
-        total = packed.numel()
-        for state in self.states:
-            total += state.absmax.numel() * state.absmax.element_size()
-            if state.nested:
-                total += state.state2.absmax.numel() * state.state2.absmax.element_size() + 4
-        return total
+        """Packed weights, 8-bit block scales and their float32 scales and offsets (code books are shared)."""
+        return packed.numel() + self.absmax.numel() + 4 * (self.nested_absmax.numel() + self.offset.numel())
 
-    def _apply(self, fn, recurse=True):
-        device = fn(torch.empty(0)).device  # the quantisation states follow the packed weights, never change dtype
-        for state in self.states:
-            state.to(device)
-        return super()._apply(fn, recurse)
+
+class _NF4GroupedMatmul(torch.autograd.Function):
+    """x W_e^T per expert on its own rows, with W dequantised from NF4 in forward and again in backward
+    (the weights are frozen: only the input gets a gradient)."""
+
+    @staticmethod
+    def forward(ctx, x, packed, nf4, expert_size):
+        active = [e for e, size in enumerate(expert_size) if size]
+        ctx.packed_nf4_active = packed, nf4, active, [expert_size[e] for e in active]
+        if not active:
+            return x.new_zeros(x.shape[0], nf4.out_features)
+        return grouped_linear(x, nf4.dequantize(packed, active), ctx.packed_nf4_active[3])
+
+    @staticmethod
+    def backward(ctx, grad):
+        packed, nf4, active, sizes = ctx.packed_nf4_active
+        if not active:
+            return grad.new_zeros(grad.shape[0], nf4.in_features), None, None, None
+        weight = nf4.dequantize(packed, active)  # [active, out, in]: grad_x = grad W, per expert
+        return grouped_linear(grad.to(weight.dtype).contiguous(), weight.transpose(1, 2), sizes), None, None, None
 
 
 def nf4_parametrization(module: nn.Module, name: str) -> NF4Experts | None:
@@ -242,32 +366,45 @@ def nf4_parametrization(module: nn.Module, name: str) -> NF4Experts | None:
     return found[0] if found else None
 
 
-def quantize_fused_experts(model: nn.Module, compute_dtype: torch.dtype = torch.bfloat16) -> nn.Module:
-    """Every fused 3-D expert weight of `model` (gate/up and down of each experts module) in NF4, one
-    expert at a time, in place; returns the model. Biases, routers and shared experts keep their dtype."""
+def quantize_bank(weight: torch.Tensor, transposed: bool) -> tuple[torch.Tensor, list]:
+    """A fused 3-D expert weight in NF4, one expert at a time: (packed [E, out*in/2, 1] uint8, E states).
+    Each expert is stored [out, in] whatever the module's layout."""
+    quantize_4bit = bitsandbytes().functional.quantize_4bit
+    packed, states = [], []
+    for expert in weight.detach().unbind(0):
+        matrix = (expert.t() if transposed else expert).contiguous()
+        p, state = quantize_4bit(matrix, blocksize=BLOCKSIZE, quant_type="nf4", compress_statistics=True)
+        packed.append(p)
+        states.append(state)
+    return torch.stack(packed), states
+
+
+def attach_nf4(module: nn.Module, name: str, packed: torch.Tensor, states, transposed: bool, compute_dtype: torch.dtype):
+    """Put `packed` in place of the module's weight `name`, read through its NF4 states (a list of
+    bitsandbytes states, or an NF4Experts to be filled by loading a checkpoint)."""
     from torch.nn.utils import parametrize
 
+    if hasattr(module, name):
+        delattr(module, name)
+    module.register_parameter(name, nn.Parameter(packed, requires_grad=False))
+    nf4 = NF4Experts.from_states(states, transposed, compute_dtype) if isinstance(states, list) else states
+    parametrize.register_parametrization(module, name, nf4, unsafe=True)
+    # the class parametrize made for this one module: its own forward, which never dequantises a whole bank
+    type(module).forward = _nf4_experts_forward
+
+
+def quantize_fused_experts(model: nn.Module, compute_dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """Every fused 3-D expert weight of an already loaded `model` (gate/up and down of each experts
+    module) in NF4, one expert at a time, in place; returns the model. Biases, routers and shared
+    experts keep their dtype. Loading with `alignment.models.fused_4bit.Fused4bitConfig` does the same while the
+    model loads."""
     from alignment.models.moe import fused_experts, fused_layout
 
-    quantize_4bit = bitsandbytes().functional.quantize_4bit
     for module in fused_experts(model).values():
         layout = fused_layout(module)
         for name in layout.weight_names:
-            if nf4_parametrization(module, name) is not None:
-                continue
-            weight = getattr(module, name).detach()
-            packed, states = [], []
-            for expert in weight.unbind(0):  # stored [out, in] whatever the module's layout
-                matrix = (expert.t() if layout.transposed else expert).contiguous()
-                p, state = quantize_4bit(matrix, blocksize=BLOCKSIZE, quant_type="nf4", compress_statistics=True)
-                packed.append(p)
-                states.append(state)
-            delattr(module, name)
-            module.register_parameter(name, nn.Parameter(torch.stack(packed), requires_grad=False))
-            del weight
-            parametrize.register_parametrization(module, name, NF4Experts(states, layout.transposed, compute_dtype), unsafe=True)
-        # the class parametrize made for this one module: its own forward, which never dequantises a whole bank
-        type(module).forward = _nf4_experts_forward
+            if nf4_parametrization(module, name) is None:
+                attach_nf4(module, name, *quantize_bank(getattr(module, name), layout.transposed), layout.transposed, compute_dtype)
     return model
 
 
