@@ -60,5 +60,8 @@ def test_family_recipes_run_with_only_paths_changed(family, method, tiny_family,
         assert sorted(t.rpartition(".")[2] for t in targets["target_parameters"]) == ["down_proj", "down_proj", "gate_up_proj", "gate_up_proj"]
     recipe = f"recipes/{family}/dpo/{method}.yaml"
     paths = ["--model_name_or_path", str(sft), "--dataset_mixture", local_mixture(recipe, str(hub_copies / "ultrafeedback_binarized")), "--output_dir", str(dpo)]
+    capsys.readouterr()
     assert main(["dpo", "--config", recipe, *paths, *SHORT]) == 0, capsys.readouterr().err
     assert any("rewards/margins" in h for h in read_manifest(dpo)["log_history"])
+    # QLoRA dDPO starts from the dSFT adapter: merged in full precision, then 4-bit again as it is read back
+    assert ("merged, then quantized as it is read back in 4-bit" in capsys.readouterr().err) == (method == "qlora")

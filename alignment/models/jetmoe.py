@@ -70,6 +70,8 @@ def load_causal_lm(path: str, dtype: str | None = None, _depth: int = 0, **kwarg
     check_model_path(path)
     try:
         base = adapter_base(path)
+        if base is not None and "quantization_config" in kwargs:
+            return _merged_then_quantized(path, dtype, _depth, **kwargs)
         if base is not None:
             if _depth >= MAX_CHAIN:
                 raise chain_too_long(path)
@@ -98,6 +100,23 @@ def load_causal_lm(path: str, dtype: str | None = None, _depth: int = 0, **kwarg
     if model.config.model_type == "jetmoe":
         model.supports_gradient_checkpointing = True
         use_fast_experts()
+    return model
+
+
+def _merged_then_quantized(path: str, dtype: str | None, depth: int, quantization_config, **kwargs):
+    """An adapter chain in 4-bit: adapters merge into full-precision weights only, so the chain is merged
+    first, written to a temporary directory and read back through the 4-bit loader, the same path a model
+    directory takes (the merged model is held whole in CPU memory once, and on disk while it is read)."""
+    import sys
+    import tempfile
+
+    merged = load_causal_lm(path, dtype, depth, **kwargs)
+    print(f"note: {path} is an adapter chain: merged, then quantized as it is read back in 4-bit", file=sys.stderr)
+    with tempfile.TemporaryDirectory(prefix="smoe-merged-") as tmp:
+        merged.save_pretrained(tmp)
+        del merged
+        model = AutoModelForCausalLM.from_pretrained(tmp, dtype=_dtype(dtype), quantization_config=quantization_config, **kwargs)
+    model.name_or_path = model.config.name_or_path = str(Path(path).resolve())
     return model
 
 
