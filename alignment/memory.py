@@ -200,9 +200,12 @@ def fused_layer_saved_bytes(config, tokens: int, masked: bool) -> int:
 
 
 def dequantized_expert_bytes(config) -> int:
-    """The bf16 copy of NF4 expert weights alive at once: alignment.models.quant multiplies through
-    bitsandbytes' matmul_4bit one expert at a time, which dequantises that expert's gate/up weight."""
-    return 2 * 2 * expert_width(config) * config.hidden_size
+    """The bf16 NF4 expert weights alive at once: alignment.models.quant dequantises the experts that
+    receive tokens (at these lengths, all of them) in groups of at most DEQUANT_GROUP_BYTES, gate/up the larger."""
+    from alignment.models.quant import DEQUANT_GROUP_BYTES
+
+    per_expert = 2 * 2 * expert_width(config) * config.hidden_size
+    return per_expert * min(num_experts(config), max(1, DEQUANT_GROUP_BYTES // per_expert))
 
 
 def fused_layer_bytes(config, tokens: int, masked: bool = False) -> int:

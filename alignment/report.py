@@ -228,3 +228,13 @@ def chat_tables(benchmarks: dict) -> list[str]:
             lines.append(f"| {model} | {grade['turn_1']:.2f} | {grade['turn_2']:.2f} | {grade['overall']:.2f} | {result} |")
         lines.append("")
     return lines
+
+
+def write_between_markers(path: Path, name: str, text: str):
+    """Replace what lies between `<!-- name -->` and `<!-- /name -->` in `path` (the README's measured table)."""
+    start, end = f"<!-- {name} -->", f"<!-- /{name} -->"
+    content = path.read_text()
+    if start not in content or end not in content:
+        raise SystemExit(f"error: {path} has no {start} ... {end} markers\n  fix: add both lines where the table belongs")
+    head, rest = content.split(start, 1)
+    path.write_text(head + start + "\n" + text + end + rest.split(end, 1)[1])

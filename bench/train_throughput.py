@@ -49,6 +49,7 @@ from alignment.memory import JETMOE_8B
 from alignment.models.experts import use_fast_experts
 from alignment.models.router import MoEArgs
 from alignment.models.tiny import build_tokenizer
+from alignment.report import write_between_markers
 from alignment.train_common import DataArgs, load_student
 
 # model shapes: config keys; `mid` is the 69M-parameter JetMoE of our CPU measurements, `micro` a smoke test,
@@ -494,16 +495,6 @@ def markdown_table(results: list[dict], header: str) -> str:
         memory = f"{r['peak_memory_gib']['stock']:.2f} / {r['peak_memory_gib']['project']:.2f}" if "peak_memory_gib" in r else "n/a"
         lines.append(f"| {r['mode']} | {r['stock']:.4g} {r['unit']} | {r['project']:.4g} | {ratio} | {equal} ({r['max_loss_diff']:.1e}) | {tflops} | {mfu} | {memory} |")
     return "\n".join(lines) + "\n"
-
-
-def write_between_markers(path: Path, name: str, text: str):
-    """Replace what lies between `<!-- name -->` and `<!-- /name -->` in `path` (the README's measured table)."""
-    start, end = f"<!-- {name} -->", f"<!-- /{name} -->"
-    content = path.read_text()
-    if start not in content or end not in content:
-        raise SystemExit(f"error: {path} has no {start} ... {end} markers\n  fix: add both lines where the table belongs")
-    head, rest = content.split(start, 1)
-    path.write_text(head + start + "\n" + text + end + rest.split(end, 1)[1])
 
 
 def main():

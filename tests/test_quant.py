@@ -76,11 +76,18 @@ def test_a_quantized_model_saves_and_reloads_without_quantizing_again(micro_mode
     assert main(["sft", "--config", "recipes/tiny/sft.yaml", "--model_name_or_path", str(tmp_path / "q"), "--dataset_path", str(tmp_path / "data"), "--output_dir", str(tmp_path / "full")]) == 2
 
 
+@pytest.mark.parametrize("per_group", [4, 2, 1])  # experts whose dequantised weights fit DEQUANT_GROUP_BYTES together
 @pytest.mark.parametrize("out", [96, 128])  # 192 block scales per expert, or exactly one block (256) of their own scales
-def test_fused_nf4_experts_dequantise_together_exactly_as_one_by_one(out):
-    """The experts that receive tokens are dequantised in one call and multiplied by one grouped
-    matmul, forward and backward; the result equals bitsandbytes expert by expert, bit for bit."""
+def test_fused_nf4_experts_dequantise_together_exactly_as_one_by_one(out, per_group, monkeypatch):
+    """The experts that receive tokens are dequantised in groups of bounded bytes (one call each) and
+    multiplied by one grouped matmul per group, forward and backward; the result equals bitsandbytes
+    expert by expert, bit for bit, and no call dequantises more than a group."""
+    from alignment.models import quant
     from alignment.models.quant import NF4Experts
+
+    monkeypatch.setattr(quant, "DEQUANT_GROUP_BYTES", per_group * out * 128 * 4)  # float32 experts [out, 128]
+    calls, dequantize = [], NF4Experts.dequantize
+    monkeypatch.setattr(NF4Experts, "dequantize", lambda self, packed, experts: calls.append(len(experts)) or dequantize(self, packed, experts))
 
     torch.manual_seed(0)
     weight = torch.randn(4, out, 128) * 0.02  # [E, out, in]; rows as long as two blocks
@@ -99,3 +106,4 @@ def test_fused_nf4_experts_dequantise_together_exactly_as_one_by_one(out):
     y.backward(grad)
     reference.backward(grad)
     torch.testing.assert_close(x.grad, reference_x.grad, atol=1e-6, rtol=0)
+    assert max(calls[2:]) == min(per_group, 3) and sum(calls[2:]) == 2 * 3  # three experts with tokens, forward and backward

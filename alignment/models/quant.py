@@ -347,15 +347,30 @@ class _NF4GroupedMatmul(torch.autograd.Function):
         ctx.packed_nf4_active = packed, nf4, active, [expert_size[e] for e in active]
         if not active:
             return x.new_zeros(x.shape[0], nf4.out_features)
-        return grouped_linear(x, nf4.dequantize(packed, active), ctx.packed_nf4_active[3])
+        return torch.cat([grouped_linear(x[rows], nf4.dequantize(packed, experts), sizes) for experts, sizes, rows in _dequant_groups(nf4, *ctx.packed_nf4_active[2:])])
 
     @staticmethod
     def backward(ctx, grad):
         packed, nf4, active, sizes = ctx.packed_nf4_active
         if not active:
             return grad.new_zeros(grad.shape[0], nf4.in_features), None, None, None
-        weight = nf4.dequantize(packed, active)  # [active, out, in]: grad_x = grad W, per expert
-        return grouped_linear(grad.to(weight.dtype).contiguous(), weight.transpose(1, 2), sizes), None, None, None
+        grad = grad.to(nf4.compute_dtype).contiguous()  # grad_x = grad W, per expert
+        pieces = [grouped_linear(grad[rows], nf4.dequantize(packed, experts).transpose(1, 2), group) for experts, group, rows in _dequant_groups(nf4, active, sizes)]
+        return torch.cat(pieces), None, None, None
+
+
+DEQUANT_GROUP_BYTES = 128 * 2**20  # dequantised expert weights alive at once (Mixtral-8x7B: one gate/up, Qwen3-30B-A3B: 20)
+
+
+def _dequant_groups(nf4: "NF4Experts", active: list[int], sizes: list[int]):
+    """Runs of the active experts whose dequantised weights together stay under DEQUANT_GROUP_BYTES (one
+    expert at least), with their token counts and rows: few calls, and no whole bf16 bank at once."""
+    per_expert = nf4.out_features * nf4.in_features * torch.finfo(nf4.compute_dtype).bits // 8
+    step, start = max(1, DEQUANT_GROUP_BYTES // per_expert), 0
+    for i in range(0, len(active), step):
+        rows = sum(sizes[i : i + step])
+        yield active[i : i + step], sizes[i : i + step], slice(start, start + rows)
+        start += rows
 
 
 def nf4_parametrization(module: nn.Module, name: str) -> NF4Experts | None:
