@@ -198,6 +198,7 @@ def training_args(stage: str, side: str, args, steps: int):
         output_dir=str(args.work / f"{stage}-{side}"), per_device_train_batch_size=batch_of(stage, args), max_steps=steps, learning_rate=1e-4 if stage == "sft" else 1e-5,
         lr_scheduler_type="constant", logging_steps=1, report_to="none", save_strategy="no", seed=0, data_seed=0, use_cpu=args.device == "cpu",
         bf16=args.dtype == "bfloat16", gradient_checkpointing=False, dataloader_drop_last=True, disable_tqdm=True, max_length=args.seq + 1 if stage == "sft" else 2 * args.seq,
+        router_aux_loss_coef=0.0,  # the same loss on both sides: stock TRL balances per batch, the project per sequence
     )
     if stage == "sft":
         project = dict(padding_free=True, packing=True, packing_strategy="bfd") if side == "project" and args.packed else {}
