@@ -208,32 +208,33 @@ def dequantized_expert_bytes(config) -> int:
     return per_expert * min(num_experts(config), max(1, DEQUANT_GROUP_BYTES // per_expert))
 
 
-def fused_layer_bytes(config, tokens: int, masked: bool = False) -> int:
+def fused_layer_bytes(config, tokens: int, masked: bool = False, quantized: bool = False) -> int:
     """A layer's saved tensors plus what its backward computes at once: the gradients of the expert input
-    and of the gate/up output for every top-k copy, and the expert weights dequantised for the product."""
+    and of the gate/up output for every top-k copy, and (NF4 experts) the expert weights dequantised for the product."""
     h, k, width = config.hidden_size, config.num_experts_per_tok, expert_width(config)
-    backward = 2 * k * (h + 2 * width) * tokens + dequantized_expert_bytes(config)
+    backward = 2 * k * (h + 2 * width) * tokens + (dequantized_expert_bytes(config) if quantized else 0)
     return fused_layer_saved_bytes(config, tokens, masked) + backward
 
 
 def router_bytes(config, tokens: int) -> int:
-    """Every layer's router logits kept for the model's load-balancing loss (output_router_logits): bf16 as
-    the router returns them, the fp32 copy the loss concatenates, its softmax saved for backward."""
+    """Every layer's router logits that alignment.models.router keeps for its per-sequence load-balancing
+    loss (the model's own loss is off): bf16 as the router returns them, and their softmax saved for
+    backward (fp32, an upper bound). Training passes only: the hooks record nothing without gradients."""
     if config.model_type == "jetmoe":
-        return 0  # alignment.models.router's JetMoE losses: counted in the layer
-    return config.num_hidden_layers * tokens * num_experts(config) * (2 + 4 + 4)
+        return 0  # JetMoE's router logits: counted in the layer
+    return config.num_hidden_layers * tokens * num_experts(config) * (2 + 4)
 
 
-def layer_bytes(config, tokens: int, masked: bool = False) -> int:
+def layer_bytes(config, tokens: int, masked: bool = False, quantized: bool = False) -> int:
     if config.model_type == "jetmoe":
         return jetmoe_layer_bytes(config, tokens)
-    return fused_layer_bytes(config, tokens, masked)
+    return fused_layer_bytes(config, tokens, masked, quantized)
 
 
 layer_activation_bytes = layer_bytes  # the name bench scripts and older tests use
 
 
-def no_grad_layer_bytes(config, tokens: int) -> int:
+def no_grad_layer_bytes(config, tokens: int, quantized: bool = False) -> int:
     """Peak of one layer's forward without gradients (reference log-probs): the residual stream and the
     widest moment of the expert block: for each top-k copy, the gathered input and, at once, either the
     gate/up output with the GLU product or the expert output, the zeros it is scattered into and the result."""
@@ -241,7 +242,7 @@ def no_grad_layer_bytes(config, tokens: int) -> int:
     if config.model_type == "jetmoe":
         return 2 * tokens * (4 * h + k * (2 * h + 3 * config.intermediate_size))
     width = expert_width(config)
-    return 2 * tokens * (4 * h + k * (h + max(3 * width, 3 * h))) + dequantized_expert_bytes(config)
+    return 2 * tokens * (4 * h + k * (h + max(3 * width, 3 * h))) + (dequantized_expert_bytes(config) if quantized else 0)
 
 
 def lm_head_bytes(config, tokens: int, gradients: bool) -> int:
@@ -269,7 +270,7 @@ def estimate(config, counts: dict, method: str, stage: str, seq_len: int, batch:
         gradients, optimizer = trainable * bytes_each, trainable * 2 * bytes_each
         weights += trainable * bytes_each
     masked = stage == "dpo"  # chosen and rejected padded to one length: a padding mask
-    layer = layer_bytes(config, tokens, masked)
+    layer = layer_bytes(config, tokens, masked, quantized=method == "qlora")
     logits = lm_head_bytes(config, tokens, gradients=True)
     if checkpointing:
         activations = config.num_hidden_layers * tokens * config.hidden_size * 2 + layer + logits
@@ -281,7 +282,7 @@ def estimate(config, counts: dict, method: str, stage: str, seq_len: int, batch:
     precompute = 0.0
     if stage == "dpo" and precomputed_reference:  # before training: no gradients, no optimizer state yet
         ref_tokens = seq_len * (precompute_batch or batch) * pairs
-        precompute = weights + no_grad_layer_bytes(config, ref_tokens) + lm_head_bytes(config, ref_tokens, gradients=False) + router_bytes(config, ref_tokens)
+        precompute = weights + no_grad_layer_bytes(config, ref_tokens, quantized=method == "qlora") + lm_head_bytes(config, ref_tokens, gradients=False)
         parts["total"] = max(parts["total"], precompute)
     parts["precompute"] = precompute
     parts["with_margin"] = 1.1 * parts["total"] + 0.5 * GIB

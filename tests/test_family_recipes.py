@@ -65,3 +65,12 @@ def test_family_recipes_run_with_only_paths_changed(family, method, tiny_family,
     assert any("rewards/margins" in h for h in read_manifest(dpo)["log_history"])
     # QLoRA dDPO starts from the dSFT adapter: merged in full precision, then 4-bit again as it is read back
     assert ("merged, then quantized as it is read back in 4-bit" in capsys.readouterr().err) == (method == "qlora")
+    if method == "qlora":  # and the model dDPO trains is 4-bit: NF4 experts and bitsandbytes nn.Linear layers
+        from bitsandbytes.nn import Linear4bit
+        from trl import ModelConfig
+
+        from alignment.models.quant import fused_quantized
+        from alignment.train_common import DataArgs, load_student
+
+        model, _, _ = load_student(ModelConfig(model_name_or_path=str(sft), dtype="bfloat16", load_in_4bit=True, use_peft=True, lora_dropout=0.0, lora_target_modules="all-linear"), DataArgs())
+        assert fused_quantized(model) and any(isinstance(m, Linear4bit) for m in model.modules())

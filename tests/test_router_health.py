@@ -276,3 +276,16 @@ def test_a_resumed_run_keeps_the_windows_written_before_it_and_replaces_the_rest
     trainer.router_losses.pop()
     trainer.router_losses.close_window(step=4)
     assert [w["step"] for w in trainer.router_losses.windows] == [2, 4] and trainer.router_losses.windows[-1]["routers"]["L0.mlp"]["tokens"] == 18
+
+
+
+def test_router_losses_with_reentrant_checkpointing_are_refused(bases, tmp_path, capsys):
+    """Reentrant checkpointing runs the forward without gradients, where the router hooks record nothing:
+    the loss would be silently zero, so it stops; non-reentrant checkpointing trains with it."""
+    data = chats(tmp_path / "chats.jsonl")
+    for reentrant, code in (("true", 2), ("false", 0)):
+        args = sft_args(bases["mixtral"], data, tmp_path / reentrant, "--gradient_checkpointing", "true", "--gradient_checkpointing_kwargs", f"{{use_reentrant: {reentrant}}}", "--router_aux_loss_coef", "0.01")
+        assert main(args) == code
+    assert "router losses with reentrant activation checkpointing" in capsys.readouterr().err
+    logs = [h for h in read_manifest(tmp_path / "false")["log_history"] if "loss" in h]
+    assert logs[0]["router/aux_loss"] > 0

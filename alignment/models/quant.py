@@ -243,9 +243,10 @@ def run(args: QuantizeArgs):
         quantize_experts(model, model.dtype)
     else:  # fused experts and nn.Linear layers quantized as they load; routers and lm_head kept
         from alignment.models.fused_4bit import Fused4bitConfig
+        from alignment.train_common import LINEAR_4BIT_SKIP
 
         compute = getattr(torch, args.dtype)
-        config = Fused4bitConfig(bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute, llm_int8_skip_modules=["gate", "router", "lm_head"])
+        config = Fused4bitConfig(bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute, llm_int8_skip_modules=list(LINEAR_4BIT_SKIP))
         model = load_causal_lm(args.model_name_or_path, args.dtype, quantization_config=config)
         if not fused_quantized(model):
             raise SmoeError("the model has no expert weights to quantize (neither JetMoE banks nor fused 3-D experts)", args.model_name_or_path, "quantize an MoE model; dense models load in 4-bit directly with load_in_4bit: true")
@@ -359,7 +360,7 @@ class _NF4GroupedMatmul(torch.autograd.Function):
         return torch.cat(pieces), None, None, None
 
 
-DEQUANT_GROUP_BYTES = 128 * 2**20  # dequantised expert weights alive at once (Mixtral-8x7B: one gate/up, Qwen3-30B-A3B: 20)
+DEQUANT_GROUP_BYTES = 128 * 2**20  # dequantised expert weights alive at once (Mixtral-8x7B: one gate/up, Qwen3-30B-A3B: 21)
 
 
 def _dequant_groups(nf4: "NF4Experts", active: list[int], sizes: list[int]):

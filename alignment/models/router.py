@@ -346,6 +346,10 @@ def attach_router_losses(trainer, moe: MoEArgs, stage: str = "training"):
         if aux or moe.moe_z_loss_coef:
             raise SmoeError(f"router losses are asked (load balancing {aux}, z-loss {moe.moe_z_loss_coef}) but {model_name} declares no router", "recipe keys moe_aux_loss_coef / router_aux_loss_coef / moe_z_loss_coef", "set them to 0 for this model")
         return
+    args = trainer.args
+    if (aux or moe.moe_z_loss_coef) and args.gradient_checkpointing and (args.gradient_checkpointing_kwargs or {}).get("use_reentrant", False):
+        losses.remove()  # reentrant checkpointing runs the forward without gradients: the hooks would see no router
+        raise SmoeError("router losses with reentrant activation checkpointing would be silently zero", "recipe key gradient_checkpointing_kwargs", "set gradient_checkpointing_kwargs: {use_reentrant: false}, or the router loss coefficients to 0")
     unknown = sorted({type(r.module).__name__ for r in losses.routers if r.kind == "unknown"})
     if unknown and (aux or moe.moe_z_loss_coef):
         raise SmoeError(
@@ -359,7 +363,9 @@ def attach_router_losses(trainer, moe: MoEArgs, stage: str = "training"):
     if aux and len(biased) < len(losses.routers):
         print(f"note: load balancing at {aux} per sequence over real tokens for {len(losses.routers) - len(biased)} routers of {model_name} (TRL's own batch-level loss is off)", file=sys.stderr)
     health = Path(trainer.args.output_dir) / HEALTH_FILE
-    if health.is_file():  # resuming: the windows written before, until the step the run resumes from
+    from alignment.train_common import last_complete_checkpoint
+
+    if health.is_file() and last_complete_checkpoint(trainer.args.output_dir):  # resuming: the windows written before
         losses.windows = json.loads(health.read_text()).get("windows", [])
     trainer.router_losses = losses
     trainer.add_callback(RouterHealthWarning(losses, stage))
