@@ -267,16 +267,21 @@ def test_dpo_health_counts_the_policy_pass_only_over_real_tokens(bases, tmp_path
     assert batch["attention_mask"].numel() > batch["attention_mask"].sum()  # there was padding to leave out
 
 
-def test_a_resumed_run_keeps_the_windows_written_before_it_and_replaces_the_rest(tmp_path):
+@pytest.mark.parametrize("resumed", [True, False])
+def test_a_resumed_run_keeps_the_windows_written_before_it_and_replaces_the_rest(tmp_path, resumed):
+    """Resuming from a checkpoint keeps the earlier windows; a fresh run in a directory an interrupted run
+    left without a checkpoint starts its own."""
     (tmp_path / HEALTH_FILE).write_text(json.dumps({"windows": [{"step": 2, "routers": {}}, {"step": 4, "routers": {}}, {"step": 6, "routers": {}}]}))
+    if resumed:
+        (tmp_path / "checkpoint-2").mkdir()
+        (tmp_path / "checkpoint-2" / "trainer_state.json").write_text("{}")
     model = tiny("mixtral").train()
     trainer = fake_trainer(model, tmp_path)
     attach_router_losses(trainer, MoEArgs())  # resumed from the checkpoint at step 2: steps 4 and 6 run again
     model(input_ids=torch.randint(3, 200, (2, 9)))
     trainer.router_losses.pop()
     trainer.router_losses.close_window(step=4)
-    assert [w["step"] for w in trainer.router_losses.windows] == [2, 4] and trainer.router_losses.windows[-1]["routers"]["L0.mlp"]["tokens"] == 18
-
+    assert [w["step"] for w in trainer.router_losses.windows] == ([2, 4] if resumed else [4]) and trainer.router_losses.windows[-1]["routers"]["L0.mlp"]["tokens"] == 18
 
 
 def test_router_losses_with_reentrant_checkpointing_are_refused(bases, tmp_path, capsys):

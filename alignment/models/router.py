@@ -347,7 +347,8 @@ def attach_router_losses(trainer, moe: MoEArgs, stage: str = "training"):
             raise SmoeError(f"router losses are asked (load balancing {aux}, z-loss {moe.moe_z_loss_coef}) but {model_name} declares no router", "recipe keys moe_aux_loss_coef / router_aux_loss_coef / moe_z_loss_coef", "set them to 0 for this model")
         return
     args = trainer.args
-    if (aux or moe.moe_z_loss_coef) and args.gradient_checkpointing and (args.gradient_checkpointing_kwargs or {}).get("use_reentrant", False):
+    reentrant = getattr(args, "gradient_checkpointing", False) and (getattr(args, "gradient_checkpointing_kwargs", None) or {}).get("use_reentrant", False)
+    if (aux or moe.moe_z_loss_coef) and reentrant:
         losses.remove()  # reentrant checkpointing runs the forward without gradients: the hooks would see no router
         raise SmoeError("router losses with reentrant activation checkpointing would be silently zero", "recipe key gradient_checkpointing_kwargs", "set gradient_checkpointing_kwargs: {use_reentrant: false}, or the router loss coefficients to 0")
     unknown = sorted({type(r.module).__name__ for r in losses.routers if r.kind == "unknown"})
