@@ -38,3 +38,29 @@ def hub_copies(tmp_path_factory):
     DatasetDict({"train_sft": Dataset.from_list(chat), "test_sft": Dataset.from_list(chat[:2])}).save_to_disk(str(root / "ultrachat_200k"))
     DatasetDict({"train_prefs": Dataset.from_list(prefs), "test_prefs": Dataset.from_list(prefs[:2])}).save_to_disk(str(root / "ultrafeedback_binarized"))
     return root
+
+
+# tiny models of each family, widths that bitsandbytes' CPU kernel takes (blocks of 64)
+SHAPE = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_experts_per_tok=2, max_position_embeddings=256)
+FAMILIES = {
+    "mixtral-8x7b": ("MixtralConfig", dict(intermediate_size=192, num_local_experts=4)),
+    "qwen3-30b-a3b": ("Qwen3MoeConfig", dict(moe_intermediate_size=192, num_experts=4)),
+    "olmoe-1b-7b": ("OlmoeConfig", dict(intermediate_size=192, num_experts=4)),
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_families(tmp_path_factory):
+    """A random tiny model of each family of the real-model recipes, saved with the project tokenizer (a directory per recipe directory name)."""
+    import torch
+    import transformers
+
+    from alignment.models.tiny import build_tokenizer
+
+    root, tokenizer = tmp_path_factory.mktemp("families"), build_tokenizer()
+    for family, (config_class, extra) in FAMILIES.items():
+        config = getattr(transformers, config_class)(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **SHAPE, **extra)
+        torch.manual_seed(0)
+        transformers.AutoModelForCausalLM.from_config(config).save_pretrained(root / family)
+        tokenizer.save_pretrained(root / family)
+    return root

@@ -4,38 +4,12 @@ of their family, with only paths changed (hub ids -> local copies, output_dir) a
 import json
 
 import pytest
-import torch
-import transformers
 
 from alignment.cli import main
 from alignment.configs import read_yaml
 from alignment.manifest import read_manifest
-from alignment.models.tiny import build_tokenizer
+from tests.conftest import FAMILIES
 from tests.test_handbook import SHORT
-
-# hidden 64: bitsandbytes' CPU kernel quantizes in blocks of 64
-SHAPE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts_per_tok=2, max_position_embeddings=256)
-FAMILIES = {
-    "mixtral-8x7b": ("MixtralConfig", dict(intermediate_size=64, num_local_experts=4)),
-    "qwen3-30b-a3b": ("Qwen3MoeConfig", dict(moe_intermediate_size=32, num_experts=4, decoder_sparse_step=1, intermediate_size=64)),
-    "olmoe-1b-7b": ("OlmoeConfig", dict(intermediate_size=32, num_experts=4)),
-}
-
-
-@pytest.fixture(scope="module")
-def tiny_family(tmp_path_factory):
-    root, tokenizer = tmp_path_factory.mktemp("families"), build_tokenizer()
-
-    def build(family: str) -> str:
-        if not (root / family).is_dir():
-            config_name, extra = FAMILIES[family]
-            ids = dict(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-            torch.manual_seed(0)
-            transformers.AutoModelForCausalLM.from_config(getattr(transformers, config_name)(**SHAPE, **extra, **ids)).save_pretrained(root / family)
-            tokenizer.save_pretrained(root / family)
-        return str(root / family)
-
-    return build
 
 
 def local_mixture(recipe: str, dataset: str) -> str:
@@ -47,13 +21,13 @@ def local_mixture(recipe: str, dataset: str) -> str:
 
 @pytest.mark.parametrize("method", ["full", "lora", "qlora"])
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_family_recipes_run_with_only_paths_changed(family, method, tiny_family, hub_copies, tmp_path, capsys):
+def test_family_recipes_run_with_only_paths_changed(family, method, tiny_families, hub_copies, tmp_path, capsys):
     sft, dpo = tmp_path / "sft", tmp_path / "dpo"
     recipe = f"recipes/{family}/sft/{method}.yaml"
-    paths = ["--model_name_or_path", tiny_family(family), "--dataset_mixture", local_mixture(recipe, str(hub_copies / "ultrachat_200k")), "--output_dir", str(sft)]
+    paths = ["--model_name_or_path", str(tiny_families / family), "--dataset_mixture", local_mixture(recipe, str(hub_copies / "ultrachat_200k")), "--output_dir", str(sft)]
     assert main(["sft", "--config", recipe, *paths, *SHORT]) == 0, capsys.readouterr().err
     manifest = read_manifest(sft)
-    assert manifest["rows"] == 8 and read_yaml(sft / "recipe.yaml")["model_name_or_path"] == tiny_family(family)
+    assert manifest["rows"] == 8 and read_yaml(sft / "recipe.yaml")["model_name_or_path"] == str(tiny_families / family)
     if method != "full":  # all-linear: attention projections and both expert weights of every layer, no router
         targets = manifest["lora_targets"]
         assert {t.rpartition(".")[2] for t in targets["target_modules"]} == {"q_proj", "k_proj", "v_proj", "o_proj"}

@@ -5,11 +5,11 @@ import re
 
 import pytest
 import torch
-import transformers
 
 from alignment.cli import main
 from alignment.configs import resolve
 from alignment.memory import GIB, MemoryArgs, estimate, fused_layer_saved_bytes, layer_activation_bytes, lora_adapter, model_config, parameter_counts, run_estimate
+from tests.conftest import FAMILIES
 
 JETMOE_8B = ["--model_name_or_path", "jetmoe/jetmoe-8b", "--max_length", "2048", "--per_device_train_batch_size", "1", "--gradient_checkpointing", "true"]
 JETMOE_LORA = {"use_peft": True, "lora_r": 16, "lora_target_modules": ["kv_proj", "input_linear", "output_linear"]}
@@ -78,26 +78,6 @@ def test_published_shapes():
     assert model_config("runs/qwen3-30b-a3b/sft-qlora", {}).num_hidden_layers == 48  # a run directory named after the model
 
 
-# tiny models of each family, widths that bitsandbytes' CPU kernel takes (blocks of 64)
-SHAPE = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_experts_per_tok=2, max_position_embeddings=256)
-FAMILIES = {
-    "mixtral-8x7b": ("MixtralConfig", dict(intermediate_size=192, num_local_experts=4)),
-    "qwen3-30b-a3b": ("Qwen3MoeConfig", dict(moe_intermediate_size=192, num_experts=4)),
-    "olmoe-1b-7b": ("OlmoeConfig", dict(intermediate_size=192, num_experts=4)),
-}
-
-
-@pytest.fixture(scope="module")
-def tiny_families(tmp_path_factory):
-    from alignment.models.tiny import build_tokenizer
-
-    root, tokenizer = tmp_path_factory.mktemp("families"), build_tokenizer()
-    for family, (config_class, extra) in FAMILIES.items():
-        config = getattr(transformers, config_class)(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **SHAPE, **extra)
-        torch.manual_seed(0)
-        transformers.AutoModelForCausalLM.from_config(config).save_pretrained(root / family)
-        tokenizer.save_pretrained(root / family)
-    return root
 
 
 def qlora_stage_model(path, recipe: dict):
