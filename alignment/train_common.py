@@ -142,7 +142,7 @@ def linear_4bit_config(model_args: ModelConfig, path: str):
     from alignment.models.fused_4bit import Fused4bitConfig
 
     dtype = model_args.dtype if model_args.dtype not in (None, "auto") else "bfloat16"
-    print(f"note: load_in_4bit quantizes the nn.Linear layers of {path} to {model_args.bnb_4bit_quant_type}; routers and lm_head keep {dtype}; fused 3-D experts go to NF4 per expert as they load", file=sys.stderr)
+    print(f"note: load_in_4bit quantizes the nn.Linear layers of {path} to {model_args.bnb_4bit_quant_type}; routers and lm_head keep {dtype}; fused 3-D experts go to NF4 per expert as they load, double-quantised{'' if model_args.use_bnb_nested_quant else ' (use_bnb_nested_quant applies to the nn.Linear layers only)'}", file=sys.stderr)
     return Fused4bitConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=model_args.bnb_4bit_quant_type,
