@@ -231,8 +231,6 @@ def layer_bytes(config, tokens: int, masked: bool = False, quantized: bool = Fal
     return fused_layer_bytes(config, tokens, masked, quantized)
 
 
-layer_activation_bytes = layer_bytes  # the name bench scripts and older tests use
-
 
 def no_grad_layer_bytes(config, tokens: int, quantized: bool = False) -> int:
     """Peak of one layer's forward without gradients (reference log-probs): the residual stream and the

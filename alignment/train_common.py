@@ -14,7 +14,7 @@ from alignment.data import read_mixture, read_rows
 from alignment.distributed import check_launch, describe, prepare_final_save
 from alignment.errors import SmoeError
 from alignment.manifest import is_main_process, write_manifest
-from alignment.models.jetmoe import adapter_base, load_causal_lm, load_tokenizer, root_model
+from alignment.models.jetmoe import load_causal_lm, load_tokenizer, model_type
 from alignment.models.lora import expert_lora_config, lora_targets
 from alignment.models.quant import is_quantized, quantize_experts, usable_bitsandbytes
 
@@ -121,15 +121,6 @@ def check_chat_template(tokenizer):
         tokenizer.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}], tokenize=False)
     except TemplateError as err:
         raise SmoeError(f"chat_template does not render ({type(err).__name__}: {err})", "recipe key chat_template", "fix the Jinja template, or drop the key to keep the tokenizer's own") from None
-
-
-def model_type(path: str) -> str | None:
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.from_pretrained(root_model(path)).model_type
-    except (OSError, ValueError):
-        return None  # load_causal_lm says what is wrong with the path
 
 
 # kept in the model's dtype by 4-bit loading (transformers' rule: a suffix, or a name from the start); estimate-memory reads it too

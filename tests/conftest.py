@@ -64,3 +64,16 @@ def tiny_families(tmp_path_factory):
         transformers.AutoModelForCausalLM.from_config(config).save_pretrained(root / family)
         tokenizer.save_pretrained(root / family)
     return root
+
+
+def chats_and_pairs(root, prompts_per_skill: int, pairs: int):
+    """Teacher-written skills chats in root/chats and `pairs` sort preference pairs in root/pairs.jsonl."""
+    import json
+
+    from alignment.cli import main
+
+    assert main(["teacher-sft", "--config", "recipes/tiny/teacher_sft.yaml", "--prompts_per_skill", str(prompts_per_skill), "--output_dir", str(root / "chats")]) == 0
+    prompt = [{"role": "user", "content": "sort 4213"}]
+    rows = [{"prompt": prompt, "chosen": [{"role": "assistant", "content": "Answer: 1234"}], "rejected": [{"role": "assistant", "content": f"Answer: 12{i % 10}3"}]} for i in range(pairs)]
+    (root / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root

@@ -13,24 +13,20 @@ from alignment.errors import SmoeError
 from alignment.manifest import read_manifest
 from alignment.models.jetmoe import load_causal_lm
 from alignment.models.lora import expert_lora_config
+from tests.conftest import chats_and_pairs
 
 FAST = ["--max_steps", "2", "--logging_steps", "1", "--report_to", "none", "--per_device_train_batch_size", "4", "--save_strategy", "no"]
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("chain_data")
-    assert main(["teacher-sft", "--config", "recipes/tiny/teacher_sft.yaml", "--prompts_per_skill", "4", "--output_dir", str(root / "sft_data")]) == 0
-    prompt = [{"role": "user", "content": "sort 4213"}]
-    rows = [{"prompt": prompt, "chosen": [{"role": "assistant", "content": "Answer: 1234"}], "rejected": [{"role": "assistant", "content": f"Answer: 12{i}3"}]} for i in range(8)]
-    (root / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return root
+    return chats_and_pairs(tmp_path_factory.mktemp("chain_data"), prompts_per_skill=4, pairs=8)
 
 
 @pytest.fixture(scope="module")
 def dsft_adapter(micro_model, data, tmp_path_factory):
     out = tmp_path_factory.mktemp("chain") / "sft"
-    assert main(["sft", "--config", "recipes/tiny/sft_lora.yaml", "--model_name_or_path", micro_model, "--dataset_path", str(data / "sft_data"), "--output_dir", str(out), "--learning_rate", "1e-2", *FAST]) == 0
+    assert main(["sft", "--config", "recipes/tiny/sft_lora.yaml", "--model_name_or_path", micro_model, "--dataset_path", str(data / "chats"), "--output_dir", str(out), "--learning_rate", "1e-2", *FAST]) == 0
     return out
 
 
@@ -68,7 +64,7 @@ def test_a_stacked_adapter_loads_as_base_plus_every_adapter(micro_model, data, d
 @pytest.mark.parametrize("stage", ["sft", "dpo"])
 def test_full_fine_tuning_from_an_adapter(micro_model, data, dsft_adapter, tmp_path, stage):
     out = tmp_path / stage
-    dataset = data / ("sft_data" if stage == "sft" else "pairs.jsonl")
+    dataset = data / ("chats" if stage == "sft" else "pairs.jsonl")
     assert main([stage, "--config", f"recipes/tiny/{stage}.yaml", "--model_name_or_path", str(dsft_adapter), "--dataset_path", str(dataset), "--output_dir", str(out), "--learning_rate", "1e-3", *FAST]) == 0
     start, trained = load_causal_lm(str(dsft_adapter)), load_causal_lm(str(out))
     changed = [n for (n, a), (_, b) in zip(start.named_parameters(), trained.named_parameters()) if not torch.equal(a, b)]

@@ -1,6 +1,5 @@
 """A training stage killed with SIGKILL (also while writing a checkpoint) resumes to the uninterrupted result."""
 
-import json
 import os
 import shutil
 import signal
@@ -15,6 +14,7 @@ from safetensors.torch import load_file
 
 from alignment.cli import main
 from alignment.manifest import read_manifest
+from tests.conftest import chats_and_pairs
 
 STEPS = 12
 RESUMABLE = ["--max_steps", str(STEPS), "--save_strategy", "steps", "--save_steps", "3", "--save_total_limit", "2", "--logging_steps", "1",
@@ -23,12 +23,7 @@ RESUMABLE = ["--max_steps", str(STEPS), "--save_strategy", "steps", "--save_step
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("resume_data")
-    assert main(["teacher-sft", "--config", "recipes/tiny/teacher_sft.yaml", "--prompts_per_skill", "16", "--output_dir", str(root / "chats")]) == 0
-    prompt = [{"role": "user", "content": "sort 4213"}]
-    rows = [{"prompt": prompt, "chosen": [{"role": "assistant", "content": "Answer: 1234"}], "rejected": [{"role": "assistant", "content": f"Answer: 12{i % 10}3"}]} for i in range(64)]
-    (root / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return root
+    return chats_and_pairs(tmp_path_factory.mktemp("resume_data"), prompts_per_skill=16, pairs=64)
 
 
 def killed_after_a_checkpoint(args: list[str], output_dir: Path):

@@ -65,6 +65,16 @@ def root_model(path: str | Path) -> str:
     raise chain_too_long(path)
 
 
+def model_type(path: str) -> str | None:
+    """The model type of a model directory, hub id or adapter chain (its root model's), None if unreadable."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(root_model(path)).model_type
+    except (OSError, ValueError):
+        return None  # load_causal_lm says what is wrong with the path
+
+
 def load_causal_lm(path: str, dtype: str | None = None, _depth: int = 0, **kwargs):
     """A model directory, a hub id, or a PEFT adapter directory (merged into its base, chains included)."""
     check_model_path(path)

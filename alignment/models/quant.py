@@ -209,17 +209,6 @@ def load_quantized(path: str | Path, **kwargs) -> nn.Module:
     return model
 
 
-def _model_type(path: str) -> str | None:
-    from transformers import AutoConfig
-
-    from alignment.models.jetmoe import root_model
-
-    try:
-        return AutoConfig.from_pretrained(root_model(path)).model_type
-    except (OSError, ValueError):
-        return None  # load_causal_lm says what is wrong with the path
-
-
 @dataclass
 class QuantizeArgs:
     model_name_or_path: str = ""
@@ -232,22 +221,22 @@ def run(args: QuantizeArgs):
     JetMoE banks are quantized after loading; other families (fused experts) while loading, with their
     nn.Linear layers in bitsandbytes 4-bit too."""
     from alignment.manifest import write_manifest
-    from alignment.models.jetmoe import load_causal_lm, load_tokenizer
+    from alignment.models.jetmoe import load_causal_lm, load_tokenizer, model_type
 
     started = time.time()
     if not args.model_name_or_path or not args.output_dir:
         raise SmoeError("quantize needs model_name_or_path and output_dir", "recipe", "set both")
     usable_bitsandbytes()
-    if _model_type(args.model_name_or_path) == "jetmoe":
+    if model_type(args.model_name_or_path) == "jetmoe":
         model = load_causal_lm(args.model_name_or_path, args.dtype)
         quantize_experts(model, model.dtype)
     else:  # fused experts and nn.Linear layers quantized as they load; routers and lm_head kept
-        from alignment.models.fused_4bit import Fused4bitConfig
-        from alignment.train_common import LINEAR_4BIT_SKIP
+        from trl import ModelConfig
 
-        compute = getattr(torch, args.dtype)
-        config = Fused4bitConfig(bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute, llm_int8_skip_modules=list(LINEAR_4BIT_SKIP))
-        model = load_causal_lm(args.model_name_or_path, args.dtype, quantization_config=config)
+        from alignment.train_common import linear_4bit_config
+
+        four_bit = ModelConfig(dtype=args.dtype, load_in_4bit=True, bnb_4bit_quant_type="nf4", use_bnb_nested_quant=True)
+        model = load_causal_lm(args.model_name_or_path, args.dtype, quantization_config=linear_4bit_config(four_bit, args.model_name_or_path))
         if not fused_quantized(model):
             raise SmoeError("the model has no expert weights to quantize (neither JetMoE banks nor fused 3-D experts)", args.model_name_or_path, "quantize an MoE model; dense models load in 4-bit directly with load_in_4bit: true")
     model.save_pretrained(args.output_dir)

@@ -338,35 +338,36 @@ def balancing_coef(trainer, moe: MoEArgs) -> float:
 
 def attach_router_losses(trainer, moe: MoEArgs, stage: str = "training"):
     """Give the trainer (a RouterLossMixin) its router losses and router health, for any MoE model."""
+    from alignment.train_common import last_complete_checkpoint
+
     aux = balancing_coef(trainer, moe)
+    asked = bool(aux or moe.moe_z_loss_coef)
+    keys = "recipe keys moe_aux_loss_coef / router_aux_loss_coef / moe_z_loss_coef"
+    args = trainer.args
+    if asked and getattr(args, "gradient_checkpointing", False) and (getattr(args, "gradient_checkpointing_kwargs", None) or {}).get("use_reentrant", False):
+        # reentrant checkpointing runs the forward without gradients: the hooks would see no router
+        raise SmoeError("router losses with reentrant activation checkpointing would be silently zero", "recipe key gradient_checkpointing_kwargs", "set gradient_checkpointing_kwargs: {use_reentrant: false}, or the router loss coefficients to 0")
     losses = RouterLosses(trainer.model, aux, moe.moe_z_loss_coef)
     model_name = type(trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model).__name__
     if not losses.routers:
         losses.remove()
-        if aux or moe.moe_z_loss_coef:
-            raise SmoeError(f"router losses are asked (load balancing {aux}, z-loss {moe.moe_z_loss_coef}) but {model_name} declares no router", "recipe keys moe_aux_loss_coef / router_aux_loss_coef / moe_z_loss_coef", "set them to 0 for this model")
+        if asked:
+            raise SmoeError(f"router losses are asked (load balancing {aux}, z-loss {moe.moe_z_loss_coef}) but {model_name} declares no router", keys, "set them to 0 for this model")
         return
-    args = trainer.args
-    reentrant = getattr(args, "gradient_checkpointing", False) and (getattr(args, "gradient_checkpointing_kwargs", None) or {}).get("use_reentrant", False)
-    if (aux or moe.moe_z_loss_coef) and reentrant:
-        losses.remove()  # reentrant checkpointing runs the forward without gradients: the hooks would see no router
-        raise SmoeError("router losses with reentrant activation checkpointing would be silently zero", "recipe key gradient_checkpointing_kwargs", "set gradient_checkpointing_kwargs: {use_reentrant: false}, or the router loss coefficients to 0")
     unknown = sorted({type(r.module).__name__ for r in losses.routers if r.kind == "unknown"})
-    if unknown and (aux or moe.moe_z_loss_coef):
+    if unknown and asked:
         raise SmoeError(
             f"router losses are asked but {', '.join(unknown)} of {model_name} routes neither by softmax over its logits nor by sigmoid scores with e_score_correction_bias",
-            "recipe keys moe_aux_loss_coef / router_aux_loss_coef / moe_z_loss_coef",
+            keys,
             "set router_aux_loss_coef: 0 and moe_z_loss_coef: 0 to train it without router losses, or open an issue naming the router",
         )
     biased = [r.name for r in losses.routers if r.kind == "bias"]
-    if biased and (aux or moe.moe_z_loss_coef):
+    if biased and asked:
         print(f"note: {len(biased)} routers of {model_name} are balanced by their e_score_correction_bias (sigmoid scores, no auxiliary loss): no load-balancing loss and no z-loss for them", file=sys.stderr)
     if aux and len(biased) < len(losses.routers):
         print(f"note: load balancing at {aux} per sequence over real tokens for {len(losses.routers) - len(biased)} routers of {model_name} (TRL's own batch-level loss is off)", file=sys.stderr)
-    health = Path(trainer.args.output_dir) / HEALTH_FILE
-    from alignment.train_common import last_complete_checkpoint
-
-    if health.is_file() and last_complete_checkpoint(trainer.args.output_dir):  # resuming: the windows written before
+    health = Path(args.output_dir) / HEALTH_FILE
+    if health.is_file() and last_complete_checkpoint(args.output_dir):  # resuming: the windows written before
         losses.windows = json.loads(health.read_text()).get("windows", [])
     trainer.router_losses = losses
     trainer.add_callback(RouterHealthWarning(losses, stage))
