@@ -27,7 +27,7 @@ timeout ${MEMORY_CAP:-240} $PY bench/memory_gpu.py $MEMORY --workdir /tmp/memory
 grep -v "it/s\]\|s/it\]\|Loading weights\|Writing model\|examples/s\]\|^{'" $RES/memory.log | tail -30; pack
 
 end=$(( $(date +%s) + ${BUDGET:-330} ))
-for mode in ${MODES:-sft-lora sft-full dpo-lora mixtral-sft-lora packing dpo-full sft-qlora dpo-qlora}; do
+for mode in ${MODES:-sft-lora sft-full dpo-lora mixtral-sft-lora sft-qlora dpo-qlora dpo-full packing}; do
   left=$(( end - $(date +%s) )); [ $left -lt 40 ] && { echo "skip $mode: time"; continue; }
   cap=$(( left < 120 ? left : 120 ))
   case $mode in
@@ -37,6 +37,8 @@ for mode in ${MODES:-sft-lora sft-full dpo-lora mixtral-sft-lora packing dpo-ful
   case $mode in sft-full|sft-lora) profile=--profile ;; *) profile= ;; esac  # the MFU-judged modes: where their step time goes
   echo "=== $mode ($left s left)"
   timeout $cap $PY bench/train_throughput.py --device $DEVICE $shape $SIZE --steps 2 --rounds 3 $profile \
-      --modes $bench_mode --json $RES/gpu_$mode.json 2>&1 | grep -v "it/s\]\|s/it\]\|Loading weights\|Writing model\|examples/s\]\|^{'" | tail -30
+      --modes $bench_mode --json $RES/gpu_$mode.json > $RES/$mode.log 2>&1; echo "rc $?"
+  grep -E "^\[$bench_mode\]|; torch |Error|error:" $RES/$mode.log | tail -4      # the ratio line; the whole log is packed
+  grep -A10 -m1 "Self CUDA %\|Self CPU %" $RES/$mode.log
   pack
 done
