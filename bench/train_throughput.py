@@ -200,6 +200,8 @@ def training_args(stage: str, side: str, args, steps: int):
         bf16=args.dtype == "bfloat16", gradient_checkpointing=False, dataloader_drop_last=True, disable_tqdm=True, max_length=args.seq + 1 if stage == "sft" else 2 * args.seq,
         router_aux_loss_coef=0.0,  # the same loss on both sides: stock TRL balances per batch, the project per sequence
     )
+    if side == "project" and args.compile:
+        common["torch_compile"] = True
     if stage == "sft":
         project = dict(padding_free=True, packing=True, packing_strategy="bfd") if side == "project" and args.packed else {}
         return SFTConfig(**common, **project)
@@ -518,6 +520,7 @@ def main():
     parser.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 peak; default from the GPU's name")
     parser.add_argument("--no-packed", dest="packed", action="store_false", help="project sft without padding-free batches")
     parser.add_argument("--model-dir", dest="model_dir_arg", type=Path, default=None, help="keep the random model here and reuse it in later runs of the same shape, layers and dtype")
+    parser.add_argument("--compile", action="store_true", help="the project side with torch.compile (TrainingArguments.torch_compile)")
     parser.add_argument("--profile", action="store_true", help="after the timed rounds, profile one project step and print its top operators")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--markdown", type=Path, default=None, help="write the table as markdown")
