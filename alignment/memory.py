@@ -244,8 +244,9 @@ def no_grad_layer_bytes(config, tokens: int, quantized: bool = False) -> int:
 
 
 def lm_head_bytes(config, tokens: int, gradients: bool) -> int:
-    """TRL's fused LM head: one bf16 tile of logits, the hidden states it keeps, and their fp32 gradient."""
-    tile = min(tokens, LM_HEAD_TILE[0]) * min(config.vocab_size, LM_HEAD_TILE[1]) * 2
+    """TRL's fused LM head: one bf16 tile of logits (allocated 32,768 wide whatever the vocabulary), the
+    hidden states it keeps, and their fp32 gradient."""
+    tile = min(tokens, LM_HEAD_TILE[0]) * LM_HEAD_TILE[1] * 2
     return tile + tokens * config.hidden_size * (2 + (4 if gradients else 0))
 
 
