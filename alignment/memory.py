@@ -219,7 +219,8 @@ def fused_layer_bytes(config, tokens: int, masked: bool = False, quantized: bool
 def router_bytes(config, tokens: int) -> int:
     """Every layer's router logits that alignment.models.router keeps for its per-sequence load-balancing
     loss (the model's own loss is off): bf16 as the router returns them, and their softmax saved for
-    backward (fp32, an upper bound). Training passes only: the hooks record nothing without gradients."""
+    backward (fp32, an upper bound). Training passes only: the hooks record nothing without gradients,
+    nor while checkpointing recomputes a layer in backward (kept, those would hold the recomputed layers)."""
     if config.model_type == "jetmoe":
         return 0  # JetMoE's router logits: counted in the layer
     return config.num_hidden_layers * tokens * num_experts(config) * (2 + 4)
