@@ -87,6 +87,7 @@ class Meter:
             self.live = LiveTensorBytes()
             gpu_like_lm_head()  # the LM head's temporaries as small as the GPU kernel's
         self.segments: list[tuple[str, float, float]] = []  # (segment, allocated at its end, peak within it)
+        self.held = 0.0  # what has a role at the last optimizer step (measure_steps)
 
     def __enter__(self):
         if self.live:
@@ -139,6 +140,7 @@ def measure_steps(trainer, meter: Meter):
 
         def on_optimizer_step(self, args, state, control, **kwargs):
             meter.end(f"optimizer {step['n']}")
+            meter.held = held_bytes(trainer) / GIB  # gradients still alive here
 
     def mark(segment):
         if meter.live:
@@ -160,13 +162,20 @@ def measure_steps(trainer, meter: Meter):
         meter.live.categorize = lambda: roles(trainer)
 
 
-def roles(trainer) -> dict:
-    """id(storage) -> what it is, for the storages that have a role: weights, adapters, gradients, optimizer states."""
+def held_bytes(trainer) -> int:
+    """Bytes of the storages that have a role (weights, adapters, gradients, AdamW states, NF4 scales)."""
+    return sum(storage.nbytes() for _, storage in roles(trainer, storages=True).values())
+
+
+def roles(trainer, storages: bool = False) -> dict:
+    """id(storage) -> what it is (and the storage), for the storages that have a role: weights, adapters,
+    gradients, optimizer states."""
     named = {}
 
     def put(tensor, label):
         if isinstance(tensor, torch.Tensor) and not tensor.is_meta:
-            named.setdefault(id(tensor.untyped_storage()), label)
+            storage = tensor.untyped_storage()
+            named.setdefault(id(storage), (label, storage) if storages else label)
 
     for p in trainer.model.parameters():
         if p.grad is not None:
@@ -248,11 +257,10 @@ def olmoe(tiny: bool, keep: str | None, layers: int | None):
     record["ratio"] = round(record["peak_gib"] / predicted["total"], 3)
     record["loading_below_training"] = record["loading_peak_gib"] < record["training_peak_gib"]
     record["segments_gib"] = {s: {"allocated_at_end": round(a, 3), "peak": round(p, 3)} for s, a, p in meter.segments}  # one line each when printed
-    ends = {s: a for s, a, _ in meter.segments}
-    held = ends["optimizer 2"]  # weights, adapters, their gradients and AdamW states: what every step keeps
+    ends, held = {s: a for s, a, _ in meter.segments}, meter.held  # held: weights, adapters, their gradients and AdamW states
     record["measured_parts_gib"] = {  # beside estimate_parts_gib
         "weights_after_loading": round(ends["loading"], 3),
-        "held_through_training": round(held, 3),
+        "weights_adapters_gradients_adamw": round(held, 3),
         "activations_peak": round(meter.peak("forward 2", "backward 2") - held, 3),
         "left_after_backward": round(ends["backward 2"] - held, 3),  # ~0 unless something outlives its backward
     }
