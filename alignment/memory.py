@@ -219,7 +219,8 @@ def fused_layer_bytes(config, tokens: int, masked: bool = False, quantized: bool
 def router_bytes(config, tokens: int) -> int:
     """Every layer's router logits that alignment.models.router keeps for its per-sequence load-balancing
     loss (the model's own loss is off): bf16 as the router returns them, and their softmax saved for
-    backward (fp32, an upper bound). Training passes only: the hooks record nothing without gradients."""
+    backward (fp32, an upper bound). Training passes only: the hooks record nothing without gradients,
+    nor while checkpointing recomputes a layer in backward (kept, those would hold the recomputed layers)."""
     if config.model_type == "jetmoe":
         return 0  # JetMoE's router logits: counted in the layer
     return config.num_hidden_layers * tokens * num_experts(config) * (2 + 4)
@@ -244,8 +245,9 @@ def no_grad_layer_bytes(config, tokens: int, quantized: bool = False) -> int:
 
 
 def lm_head_bytes(config, tokens: int, gradients: bool) -> int:
-    """TRL's fused LM head: one bf16 tile of logits, the hidden states it keeps, and their fp32 gradient."""
-    tile = min(tokens, LM_HEAD_TILE[0]) * min(config.vocab_size, LM_HEAD_TILE[1]) * 2
+    """TRL's fused LM head: one bf16 tile of logits (allocated 32,768 wide whatever the vocabulary), the
+    hidden states it keeps, and their fp32 gradient."""
+    tile = min(tokens, LM_HEAD_TILE[0]) * LM_HEAD_TILE[1] * 2
     return tile + tokens * config.hidden_size * (2 + (4 if gradients else 0))
 
 

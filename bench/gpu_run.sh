@@ -24,7 +24,7 @@ $PY -c "import torch, transformers, trl, peft, datasets, bitsandbytes; print(tor
 
 echo "=== memory (OLMoE-1B-7B QLoRA dSFT)"
 timeout ${MEMORY_CAP:-240} $PY bench/memory_gpu.py $MEMORY --workdir /tmp/memory_work > $RES/memory.log 2>&1; echo "rc $?"
-grep -v "it/s\]\|s/it\]\|Loading weights\|Writing model\|examples/s\]\|^{'" $RES/memory.log | tail -30; pack
+grep -v "it/s\]\|s/it\]\|Loading weights\|Writing model\|examples/s\]\|^{'" $RES/memory.log | tail -42; pack
 
 end=$(( $(date +%s) + ${BUDGET:-330} ))
 for mode in ${MODES:-sft-lora sft-full dpo-lora mixtral-sft-lora sft-qlora dpo-qlora dpo-full packing}; do

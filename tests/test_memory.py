@@ -150,3 +150,26 @@ def test_an_unknown_model_is_refused_naming_the_known_shapes(capsys):
     assert main(["estimate-memory", "--config", "recipes/tiny/sft.yaml", "--model_name_or_path", "someone/unknown-moe"]) == 2
     err = capsys.readouterr().err
     assert "cannot read the model config of someone/unknown-moe" in err and "qwen3-30b-a3b" in err
+
+
+def test_lm_head_tile_is_as_wide_as_trl_allocates_it():
+    """TRL's fused LM head allocates its logits tile 32,768 wide even for a smaller vocabulary."""
+    from alignment.memory import lm_head_bytes
+
+    config = model_config("olmoe-1b-7b", {"vocab_size": 512})
+    assert lm_head_bytes(config, 2048, gradients=False) == 2048 * 32768 * 2 + 2048 * config.hidden_size * 2
+
+
+def test_live_tensor_bytes_count_what_a_step_holds_and_frees():
+    """bench/live_memory.py, the CPU stand-in for torch.cuda.memory_allocated that bench/memory_gpu.py reads."""
+    from bench.live_memory import LiveTensorBytes
+
+    with LiveTensorBytes() as live:
+        a = torch.zeros(1024, 256)  # 1 MiB
+        b = a.view(256, 1024)  # a view: no new bytes
+        c = torch.ones(512, 512, dtype=torch.bfloat16)  # 0.5 MiB
+        assert live.current == 1.5 * 2**20 and b.numel() == a.numel()
+        del a, b
+        assert live.current == 0.5 * 2**20
+        del c
+    assert live.current == 0 and live.peak == 1.5 * 2**20

@@ -185,6 +185,15 @@ def find_routers(model: torch.nn.Module) -> list[Router]:
     return found
 
 
+def recomputing() -> bool:
+    """True while activation checkpointing recomputes a layer's forward: inside the backward pass, where
+    the autograd engine runs a graph task. That pass routes the same tokens again; a router output kept
+    from it would keep alive every tensor the recomputed attention block saved (norms, queries, keys,
+    values, attention output) until the end of backward, one layer more at each layer, since nothing
+    there needs them."""
+    return torch._C._current_graph_task_id() != -1
+
+
 class RouterLosses:
     """Collects the routing of grad-enabled forward passes of one model: losses on demand, health always."""
 
@@ -210,11 +219,14 @@ class RouterLosses:
         def hook(module, args, output):
             if not torch.is_grad_enabled():  # not the reference model's pass, nor generation
                 return
+            if recomputing():  # kept, these logits would hold the recomputed layer's graph to the end of backward
+                return
             logits = output[router.index]
             top_k = router.top_k or output[2].shape[-1]
-            chosen = output[2] if router.kind == "bias" else logits.topk(top_k, dim=-1).indices
-            real = self.sequences.any(0) if self.sequences is not None else slice(None)
-            stats = routing_stats(logits[real], chosen[real], router.kind)
+            with torch.no_grad():  # saves nothing for backward: the recomputation, which skips this, must save as many tensors
+                chosen = output[2] if router.kind == "bias" else logits.topk(top_k, dim=-1).indices
+                real = self.sequences.any(0) if self.sequences is not None else slice(None)
+                stats = routing_stats(logits[real], chosen[real], router.kind)
             keep = logits if self.wants_loss and router.kind == "softmax" else None
             self.records.append((router.name, keep, top_k, self.sequences, stats))
 
@@ -274,7 +286,7 @@ class RouterLossMixin:
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.router_losses is None:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        self.router_losses.records.clear()  # drop what checkpointed recomputation recorded in backward
+        self.router_losses.records.clear()  # drop what a grad-enabled pass outside compute_loss recorded
         out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         extra, metrics = self.router_losses.pop()
         if not self.router_losses.wants_loss:
