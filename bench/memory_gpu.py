@@ -16,7 +16,9 @@ SFTTrainer trains. Printed as JSON:
                       second AdamW step (the estimate predicts this; the issue asks for within 15%)
   loading_peak_gib    the same while load_student runs (must stay below the training peak)
   training_peak_gib   the same from the end of loading on
-  loading_rss_gib     growth of this process's peak resident CPU memory while loading (ru_maxrss)
+  loading_rss_gib     growth of this process's peak resident CPU memory while loading (ru_maxrss: it
+                      counts the checkpoint pages transformers maps, which the kernel can drop)
+  loading_anonymous_gib  the same for the memory the process owns (RssAnon, sampled every 20 ms)
   predicted_gib       estimate-memory's total for the same recipe, and the ratio measured / predicted
   segments_gib        per segment (loading; setup: trainer, adapters, optimizer; forward, backward and AdamW
                       step of steps 1 and 2): what is allocated at its end and its own peak
@@ -206,6 +208,36 @@ def estimate_parts(checkpoint: Path, layers: int) -> dict:
     return {k: round(v, 3) for k, v in dict(weights=e["weights"], gradients=e["gradients"], optimizer=e["optimizer"], activations=e["activations"], layer_inputs=inputs, one_layer=e["layer"], lm_head=e["logits"], routers=e["routers"], total=e["total"], with_margin=e["with_margin"]).items()}
 
 
+class AnonymousPeak:
+    """Peak growth of this process's anonymous resident memory (RssAnon: what it owns, not the checkpoint
+    pages it maps, which ru_maxrss counts too), sampled every 20 ms on a thread."""
+
+    def __enter__(self):
+        import threading
+
+        self.start = self.peak = self.read()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+        self.growth_gib = (max(self.peak, self.read()) - self.start) / GIB
+
+    def sample(self):
+        while not self.stop.wait(0.02):
+            self.peak = max(self.peak, self.read())
+
+    @staticmethod
+    def read() -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+        return 0
+
+
 def olmoe(tiny: bool, keep: str | None, layers: int | None):
     import alignment.sft as sft
     from alignment.cli import main as cli
@@ -225,7 +257,9 @@ def olmoe(tiny: bool, keep: str | None, layers: int | None):
 
     def measured_load(*args, **kwargs):  # the stage's own loading, between two readings
         rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        out = load_student(*args, **kwargs)
+        with AnonymousPeak() as anonymous:
+            out = load_student(*args, **kwargs)
+        record["loading_anonymous_gib"] = anonymous.growth_gib
         if meter.live:
             meter.live.adopt_live("loaded (mmapped)")  # weights read from the checkpoint without a copy: on a GPU they would be copies
         meter.end("loading")
