@@ -484,6 +484,8 @@ def markdown_table(results: list[tuple[dict, dict]], header: str) -> str:
     lines = [header, "", "| mode | stock | project | ratio | losses (max difference) | TFLOP/s stock / project | MFU stock / project | peak GiB stock / project |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for setting, r in results:
         mode = f"{r['mode']} ({model_name(setting['shape'])}, {setting['layers']} layers)" if len(models) > 1 else r["mode"]
+        if "--compile" in setting.get("command", ""):
+            mode += ", project under torch.compile"
         if "skipped" in r:
             lines.append(f"| {mode} | | | skipped: {r['skipped']} | | | | |")
             continue
