@@ -159,11 +159,14 @@ def fused_four_bit(rounds: int):
 
 
 def fused_lora_step(rounds: int, layers: int):
+    """A training step (forward, backward, AdamW step on what trains) of three copies of one model:
+    frozen, our expert LoRA and PEFT `target_parameters` with the same factors. Each back-propagates to
+    its input embeddings, as TRL's PEFT path does under checkpointing (`enable_input_require_grads`) and
+    as any LoRA on attention needs, so the frozen step runs the very backward the LoRA steps run, minus
+    the adapters."""
     frozen = mixtral(layers)
-    for name, p in frozen.named_parameters():
-        p.requires_grad_("norm" in name)
-    base = mixtral(layers)
-    ours = get_peft_model(mixtral(layers), expert_lora_config(LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["experts"], task_type="CAUSAL_LM"), base))
+    frozen.requires_grad_(False)
+    ours = get_peft_model(mixtral(layers), expert_lora_config(LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["experts"], task_type="CAUSAL_LM"), mixtral(layers)))
     theirs = get_peft_model(mixtral(layers), LoraConfig(r=8, lora_alpha=16, target_modules=[], target_parameters=["experts.gate_up_proj", "experts.down_proj"], task_type="CAUSAL_LM"))
     torch.manual_seed(1)
     with torch.no_grad():  # the same non-zero factors in both: the state-dict keys are the same
@@ -173,21 +176,32 @@ def fused_lora_step(rounds: int, layers: int):
         missing = ours.load_state_dict({k: v for k, v in theirs.state_dict().items() if "lora_" in k}, strict=False)
         assert not missing.unexpected_keys
     ids = torch.randint(0, 512, (2, TOKENS // 2))
-
-    def step(model):
-        return lambda: model(input_ids=ids, labels=ids).loss.backward()
-
     with torch.no_grad():
         diff = (ours(input_ids=ids).logits - theirs(input_ids=ids).logits).abs().max().item()
+    optimizers = {}
+    for model in (frozen, ours, theirs):
+        model.enable_input_require_grads()
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizers[id(model)] = torch.optim.AdamW(trainable, lr=1e-4) if trainable else None
+
+    def step(model):
+        def run():
+            model(input_ids=ids, labels=ids).loss.backward()
+            optimizer = optimizers[id(model)]
+            if optimizer is not None:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        return run
+
     variants = (("frozen", frozen), ("expert_lora", ours), ("target_parameters", theirs))
     times = {name: float("inf") for name, _ in variants}
-    for _ in range(rounds):
+    for _ in range(rounds):  # interleaved, so drift in machine load hits every variant
         for name, model in variants:
-            model.zero_grad(set_to_none=True)
             times[name] = min(times[name], best(step(model), 1))
-    print(f"expert LoRA r8 on gate_up_proj and down_proj, {layers}-layer Mixtral-style (hidden {HIDDEN}, expert width {WIDTH}), {TOKENS} tokens, fp32, grouped_mm experts, forward + backward")
+    print(f"expert LoRA r8 on gate_up_proj and down_proj, {layers}-layer Mixtral-style (hidden {HIDDEN}, expert width {WIDTH}), {TOKENS} tokens, fp32, grouped_mm experts,")
+    print(f"  training step (forward, backward to the input embeddings, AdamW on the adapters), best of {rounds} interleaved rounds")
     print(f"  frozen base {times['frozen']:.2f} s, expert LoRA {times['expert_lora']:.2f} s, PEFT target_parameters {times['target_parameters']:.2f} s")
-    print(f"  expert LoRA / frozen: {times['expert_lora'] / times['frozen']:.2f}x   PEFT target_parameters / expert LoRA: {times['target_parameters'] / times['expert_lora']:.2f}x")
+    print(f"  expert LoRA / frozen: {times['expert_lora'] / times['frozen']:.2f}x   PEFT target_parameters / frozen: {times['target_parameters'] / times['frozen']:.2f}x   PEFT target_parameters / expert LoRA: {times['target_parameters'] / times['expert_lora']:.2f}x")
     print(f"  max |logits difference| expert LoRA vs target_parameters: {diff:.2e}")
 
 

@@ -24,7 +24,7 @@ from torch.nn.utils import parametrize
 from transformers.models.jetmoe.modeling_jetmoe import JetMoeParallelExperts
 
 from alignment.errors import SmoeError
-from alignment.models.experts import expert_lora, grouped_linear
+from alignment.models.experts import add_expert_lora, grouped_linear
 from alignment.models.quant import nf4_parametrization
 
 LAYOUT_FLAGS = ("has_gate", "is_transposed", "has_bias", "is_concatenated")
@@ -138,7 +138,7 @@ def _project(module, layout: FusedExperts, name: str, x, sizes, expert_ids, lora
     if layout.bias:
         y = y + getattr(module, f"{name}_bias")[expert_ids]
     for a, b, scaling in lora.get(name, ()):
-        y = y + expert_lora(x, a, b, scaling, sizes).to(y.dtype)
+        y = add_expert_lora(y, x, a, b, scaling, sizes)
     return y
 
 
