@@ -9,22 +9,30 @@ Mid size: hidden 1024, expert width 2816, 8 experts top-2 in both banks, 2048 to
    and, for a fair view of the LoRA part alone, on our grouped experts too.
 
 3. The same two on transformers' fused experts (a Mixtral-style model, same sizes, transformers'
-   grouped_mm experts): NF4 bytes and forward of one experts module; expert LoRA (ours: per expert
-   through grouped matmul) against the frozen step and against PEFT `target_parameters` on the same
-   grouped_mm experts, with the same factors.
+   grouped_mm experts): NF4 bytes and forward of one experts module; a training step with expert LoRA
+   (ours: per expert on its own tokens) against the frozen step and against PEFT `target_parameters`
+   on the same grouped_mm experts, with the same factors. All three back-propagate to the input
+   embeddings (TRL's PEFT path under checkpointing, or any LoRA on attention, does), so the frozen step
+   is the LoRA step's own backward without the adapters.
 
 4. Loading memory: the CPU peak resident memory of loading a saved Mixtral-style model (8 layers, the
    same widths, bf16 safetensors shards) with `load_in_4bit` (nn.Linear through bitsandbytes, fused
    experts to NF4 as they load) against a plain bf16 load, each in a fresh process, above the
    process's resident memory before loading.
 
-usage: python bench/moe_bench.py [--rounds 3] [--layers 2] [--threads N] [--only jetmoe|fused|load]
+usage: python bench/moe_bench.py [--rounds 3] [--layers 2] [--threads N] [--only jetmoe|fused|load] [--readme README.md]
+(--readme puts the fused-expert figures, as printed, between the README's <!-- moe_bench:fused --> markers)
 (--threads 1 on a machine that other jobs share: with more threads than free cores, every small
 matmul waits for a descheduled thread and the ratios measure the scheduler)
 """
 
 import argparse
+import contextlib
+import io
+import os
+import sys
 import time
+from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -35,6 +43,7 @@ from alignment.models.experts import STOCK_FORWARD, experts_forward, use_fast_ex
 from alignment.models.lora import expert_lora_config
 from alignment.models.moe import fused_experts_forward
 from alignment.models.quant import NF4Experts, QuantizedExperts, quantize_fused_experts
+from alignment.report import write_between_markers
 
 HIDDEN, WIDTH, EXPERTS, TOP_K, TOKENS = 1024, 2816, 8, 2, 2048
 BANKS = ["mlp.input_linear.weight", "mlp.output_linear.weight", "experts.input_linear.weight", "experts.output_linear.weight"]
@@ -249,22 +258,44 @@ def loading_memory(layers: int = 8):
         print(f"  {name}: {peak[kind][0] / 2**20:.0f} MiB + {peak[kind][1] / 2**20:.0f} MiB mapped")
     print(f"  ratio 4-bit / bf16, anonymous: {peak['4bit'][0] / peak['bf16'][0]:.2f}x   anonymous + mapped: {sum(peak['4bit']) / sum(peak['bf16']):.2f}x")
 
+class _Tee(io.StringIO):
+    """Keeps what is printed and still prints it."""
+
+    def write(self, text):
+        sys.__stdout__.write(text)
+        return super().write(text)
+
+
+def load_average() -> str:
+    return f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores"
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--only", choices=["jetmoe", "fused", "load"], default=None)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--readme", type=Path, default=None, help="put the fused-expert figures into this file between <!-- moe_bench:fused --> markers")
     args = parser.parse_args()
+    if args.readme and args.only not in (None, "fused"):
+        parser.error("--readme writes the fused-expert figures: run them (--only fused, or everything)")
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    if args.only != "fused":
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {load_average()}")
     if args.only in (None, "jetmoe"):
         four_bit(args.rounds)
         lora_step(args.rounds, args.layers)
     if args.only in (None, "fused"):
-        fused_four_bit(args.rounds)
-        fused_lora_step(args.rounds, args.layers)
+        printed = _Tee()
+        with contextlib.redirect_stdout(printed):
+            print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {load_average()} at the start")
+            fused_four_bit(args.rounds)
+            fused_lora_step(args.rounds, args.layers)
+            print(f"{load_average()} at the end")
+        if args.readme:
+            write_between_markers(args.readme, "moe_bench:fused", "```\n" + printed.getvalue() + "```\n")
     if args.only in (None, "load"):
         loading_memory()
 
