@@ -200,6 +200,8 @@ def training_args(stage: str, side: str, args, steps: int):
         bf16=args.dtype == "bfloat16", gradient_checkpointing=False, dataloader_drop_last=True, disable_tqdm=True, max_length=args.seq + 1 if stage == "sft" else 2 * args.seq,
         router_aux_loss_coef=0.0,  # the same loss on both sides: stock TRL balances per batch, the project per sequence
     )
+    if side == "project" and args.compile:
+        common["torch_compile"] = True
     if stage == "sft":
         project = dict(padding_free=True, packing=True, packing_strategy="bfd") if side == "project" and args.packed else {}
         return SFTConfig(**common, **project)
@@ -476,11 +478,14 @@ def run_packing(args, config, conversations: int = 24, max_length: int = 2048) -
 # ---------- report
 
 
-def markdown_table(results: list[dict], header: str) -> str:
+def markdown_table(results: list[tuple[dict, dict]], header: str) -> str:
+    """One row per (setting, result): the mode, and the model when the runs used more than one."""
+    models = {f"{model_name(setting['shape'])}, {setting['layers']} layers" for setting, _ in results}
     lines = [header, "", "| mode | stock | project | ratio | losses (max difference) | TFLOP/s stock / project | MFU stock / project | peak GiB stock / project |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r in results:
+    for setting, r in results:
+        mode = f"{r['mode']} ({model_name(setting['shape'])}, {setting['layers']} layers)" if len(models) > 1 else r["mode"]
         if "skipped" in r:
-            lines.append(f"| {r['mode']} | | | skipped: {r['skipped']} | | | | |")
+            lines.append(f"| {mode} | | | skipped: {r['skipped']} | | | | |")
             continue
         equal = {True: "equal", False: "NOT equal", None: "not compared"}[r["losses_equal"]]
         if r["mode"] == "packing":
@@ -494,7 +499,9 @@ def markdown_table(results: list[dict], header: str) -> str:
         tflops = f"{r['tflops']['stock']:.3f} / {r['tflops']['project']:.3f}"
         mfu = f"{100 * r['mfu']['stock']:.1f}% / {100 * r['mfu']['project']:.1f}%" if "mfu" in r else "n/a"
         memory = f"{r['peak_memory_gib']['stock']:.2f} / {r['peak_memory_gib']['project']:.2f}" if "peak_memory_gib" in r else "n/a"
-        lines.append(f"| {r['mode']} | {r['stock']:.4g} {r['unit']} | {r['project']:.4g} | {ratio} | {equal} ({r['max_loss_diff']:.1e}) | {tflops} | {mfu} | {memory} |")
+        # bf16 runs are judged at the first step (README: AdamW's first update in bf16 parts the later steps)
+        judged = f"{equal} at step 1 ({r['first_loss_diff']:.1e}); all steps {r['max_loss_diff']:.1e}" if setting["dtype"] == "bfloat16" and "first_loss_diff" in r else f"{equal} ({r['max_loss_diff']:.1e})"
+        lines.append(f"| {mode} | {r['stock']:.4g} {r['unit']} | {r['project']:.4g} | {ratio} | {judged} | {tflops} | {mfu} | {memory} |")
     return "\n".join(lines) + "\n"
 
 
@@ -513,6 +520,7 @@ def main():
     parser.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 peak; default from the GPU's name")
     parser.add_argument("--no-packed", dest="packed", action="store_false", help="project sft without padding-free batches")
     parser.add_argument("--model-dir", dest="model_dir_arg", type=Path, default=None, help="keep the random model here and reuse it in later runs of the same shape, layers and dtype")
+    parser.add_argument("--compile", action="store_true", help="the project side with torch.compile (TrainingArguments.torch_compile)")
     parser.add_argument("--profile", action="store_true", help="after the timed rounds, profile one project step and print its top operators")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--markdown", type=Path, default=None, help="write the table as markdown")
@@ -567,7 +575,7 @@ def describe(setting: dict) -> str:
 
 def write_outputs(args, runs: list[dict]):
     header = "\n".join(f"- {describe(run['setting'])}" for run in runs)
-    table = markdown_table([r for run in runs for r in run["results"]], header)
+    table = markdown_table([(run["setting"], r) for run in runs for r in run["results"]], header)
     if args.markdown:
         args.markdown.write_text(table)
     if args.readme:

@@ -107,3 +107,29 @@ def test_fused_nf4_experts_dequantise_together_exactly_as_one_by_one(out, per_gr
     reference.backward(grad)
     torch.testing.assert_close(x.grad, reference_x.grad, atol=1e-6, rtol=0)
     assert max(calls[2:]) == min(per_group, 3) and sum(calls[2:]) == 2 * 3  # three experts with tokens, forward and backward
+
+
+@pytest.mark.parametrize("per_group", [3, 1])
+def test_jetmoe_nf4_bank_runs_grouped_forward_and_backward(per_group, monkeypatch):
+    """JetMoE's 4-bit banks take the same grouped path: experts with tokens dequantised a bounded group at a
+    time (never the bank, never an empty expert), forward and backward equal to each expert's own product."""
+    from alignment.models import quant
+
+    full = bank()
+    quantised = QuantizedExperts.from_bank(full, torch.float32)
+    monkeypatch.setattr(quant, "DEQUANT_GROUP_BYTES", per_group * full.output_size * full.input_size * 4)
+    calls, dequantize = [], QuantizedExperts.dequantize
+    monkeypatch.setattr(QuantizedExperts, "dequantize", lambda self, packed, experts: calls.append(list(experts)) or dequantize(self, packed, experts))
+    sizes = [5, 0, 7, 3, 1, 0, 9, 2]
+    x = torch.randn(sum(sizes), full.input_size, requires_grad=True)
+    reference_x = x.detach().clone().requires_grad_()
+    weights = [bnbf.dequantize_4bit(getattr(quantised, f"packed_{e}"), quantised.states[e]) for e in range(len(sizes))]
+    y = quantised(x, sizes)
+    reference = torch.cat([chunk @ w.t() for chunk, w in zip(reference_x.split(sizes), weights)])
+    torch.testing.assert_close(y, reference, atol=1e-5, rtol=0)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    reference.backward(grad)
+    torch.testing.assert_close(x.grad, reference_x.grad, atol=1e-5, rtol=0)
+    active = [e for e, size in enumerate(sizes) if size]
+    assert max(map(len, calls)) == per_group and sorted(e for c in calls for e in c) == sorted(2 * active)

@@ -3,8 +3,8 @@
 bitsandbytes' 4-bit loading converts only `nn.Linear`, which leaves JetMoE's 3-D expert banks (about
 96% of the model) in full precision. Here every expert of every bank is quantised on its own with
 `bitsandbytes.functional.quantize_4bit` (NF4, blocks of 64, double quantisation of the block scales)
-and runs through `bitsandbytes.matmul_4bit`, which dequantises that one expert for the product and again
-in backward: the bank is never dequantised at once and no full-precision copy is kept for backward.
+and is multiplied by dequantising the experts that receive tokens, a group at a time, for one grouped
+matmul per group, and again in backward: no full-precision copy of the bank is made or kept for backward.
 The rest of the model (embeddings, key-value projections, routers, norms) stays in its dtype.
 `QuantizedExperts` is a `JetMoeParallelExperts`, so expert LoRA (`alignment.models.lora`) wraps it
 unchanged, and an adapter trained on it loads onto the full-precision model and merges there.
@@ -87,14 +87,24 @@ class QuantizedExperts(JetMoeParallelExperts):
             setattr(quantized, f"packed_{e}", nn.Parameter(packed, requires_grad=False))
         return quantized
 
+    out_features = property(lambda self: self.output_size)
+    in_features = property(lambda self: self.input_size)
+
     def forward(self, inputs: torch.Tensor, expert_size: list[int]) -> torch.Tensor:
-        bnb = bitsandbytes()
-        x = inputs.to(self.compute_dtype)
-        outputs = [
-            bnb.matmul_4bit(chunk, getattr(self, f"packed_{e}").t(), quant_state=self.states[e])
-            for e, chunk in enumerate(x.split(expert_size, dim=0))
-        ]
-        return torch.cat(outputs, dim=0).to(inputs.dtype)
+        # the grouped path of fused NF4 experts: experts dequantised a group at a time for one grouped matmul
+        return _NF4GroupedMatmul.apply(inputs.to(self.compute_dtype), None, self, expert_size).to(inputs.dtype)
+
+    def dequantize(self, packed: None, experts: list[int]) -> torch.Tensor:
+        """The listed experts' weights [len(experts), out, in] in compute dtype, each dequantised into its slice."""
+        dequantize_4bit = bitsandbytes().functional.dequantize_4bit
+        first = getattr(self, f"packed_{experts[0]}")
+        out = torch.empty(len(experts), self.output_size, self.input_size, dtype=self.compute_dtype, device=first.device)
+        for i, e in enumerate(experts):
+            if out.device.type == "cpu":  # bitsandbytes' CPU backend has no out= variant
+                out[i] = dequantize_4bit(getattr(self, f"packed_{e}"), self.states[e])
+            else:
+                dequantize_4bit(getattr(self, f"packed_{e}"), self.states[e], out=out[i])
+        return out
 
     def dequantized(self, dtype: torch.dtype) -> JetMoeParallelExperts:
         """The bank in full precision, as the 4-bit weights stand (to merge an adapter into)."""
