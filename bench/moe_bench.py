@@ -9,22 +9,30 @@ Mid size: hidden 1024, expert width 2816, 8 experts top-2 in both banks, 2048 to
    and, for a fair view of the LoRA part alone, on our grouped experts too.
 
 3. The same two on transformers' fused experts (a Mixtral-style model, same sizes, transformers'
-   grouped_mm experts): NF4 bytes and forward of one experts module; expert LoRA (ours: per expert
-   through grouped matmul) against the frozen step and against PEFT `target_parameters` on the same
-   grouped_mm experts, with the same factors.
+   grouped_mm experts): NF4 bytes and forward of one experts module; a training step with expert LoRA
+   (ours: per expert on its own tokens) against the frozen step and against PEFT `target_parameters`
+   on the same grouped_mm experts, with the same factors. All three back-propagate to the input
+   embeddings (TRL's PEFT path under checkpointing, or any LoRA on attention, does), so the frozen step
+   is the LoRA step's own backward without the adapters.
 
 4. Loading memory: the CPU peak resident memory of loading a saved Mixtral-style model (8 layers, the
    same widths, bf16 safetensors shards) with `load_in_4bit` (nn.Linear through bitsandbytes, fused
    experts to NF4 as they load) against a plain bf16 load, each in a fresh process, above the
    process's resident memory before loading.
 
-usage: python bench/moe_bench.py [--rounds 3] [--layers 2] [--threads N] [--only jetmoe|fused|load]
+usage: python bench/moe_bench.py [--rounds 3] [--layers 2] [--threads N] [--only jetmoe|fused|load] [--readme README.md]
+(--readme puts the fused-expert figures, as printed, between the README's <!-- moe_bench:fused --> markers)
 (--threads 1 on a machine that other jobs share: with more threads than free cores, every small
 matmul waits for a descheduled thread and the ratios measure the scheduler)
 """
 
 import argparse
+import contextlib
+import io
+import os
+import sys
 import time
+from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -35,6 +43,7 @@ from alignment.models.experts import STOCK_FORWARD, experts_forward, use_fast_ex
 from alignment.models.lora import expert_lora_config
 from alignment.models.moe import fused_experts_forward
 from alignment.models.quant import NF4Experts, QuantizedExperts, quantize_fused_experts
+from alignment.report import write_between_markers
 
 HIDDEN, WIDTH, EXPERTS, TOP_K, TOKENS = 1024, 2816, 8, 2, 2048
 BANKS = ["mlp.input_linear.weight", "mlp.output_linear.weight", "experts.input_linear.weight", "experts.output_linear.weight"]
@@ -159,11 +168,14 @@ def fused_four_bit(rounds: int):
 
 
 def fused_lora_step(rounds: int, layers: int):
+    """A training step (forward, backward, AdamW step on what trains) of three copies of one model:
+    frozen, our expert LoRA and PEFT `target_parameters` with the same factors. Each back-propagates to
+    its input embeddings, as TRL's PEFT path does under checkpointing (`enable_input_require_grads`) and
+    as any LoRA on attention needs, so the frozen step runs the very backward the LoRA steps run, minus
+    the adapters."""
     frozen = mixtral(layers)
-    for name, p in frozen.named_parameters():
-        p.requires_grad_("norm" in name)
-    base = mixtral(layers)
-    ours = get_peft_model(mixtral(layers), expert_lora_config(LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["experts"], task_type="CAUSAL_LM"), base))
+    frozen.requires_grad_(False)
+    ours = get_peft_model(mixtral(layers), expert_lora_config(LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["experts"], task_type="CAUSAL_LM"), mixtral(layers)))
     theirs = get_peft_model(mixtral(layers), LoraConfig(r=8, lora_alpha=16, target_modules=[], target_parameters=["experts.gate_up_proj", "experts.down_proj"], task_type="CAUSAL_LM"))
     torch.manual_seed(1)
     with torch.no_grad():  # the same non-zero factors in both: the state-dict keys are the same
@@ -173,21 +185,38 @@ def fused_lora_step(rounds: int, layers: int):
         missing = ours.load_state_dict({k: v for k, v in theirs.state_dict().items() if "lora_" in k}, strict=False)
         assert not missing.unexpected_keys
     ids = torch.randint(0, 512, (2, TOKENS // 2))
-
-    def step(model):
-        return lambda: model(input_ids=ids, labels=ids).loss.backward()
-
     with torch.no_grad():
         diff = (ours(input_ids=ids).logits - theirs(input_ids=ids).logits).abs().max().item()
+    optimizers = {}
+    for model in (frozen, ours, theirs):
+        model.enable_input_require_grads()
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizers[id(model)] = torch.optim.AdamW(trainable, lr=1e-4) if trainable else None
+
+    def step(model):
+        def run():
+            model(input_ids=ids, labels=ids).loss.backward()
+            optimizer = optimizers[id(model)]
+            if optimizer is not None:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        return run
+
     variants = (("frozen", frozen), ("expert_lora", ours), ("target_parameters", theirs))
     times = {name: float("inf") for name, _ in variants}
-    for _ in range(rounds):
+    cpu = dict(times)  # on one thread, the process's CPU seconds: what a step computes, however busy the machine
+    for _ in range(rounds):  # interleaved, so drift in machine load hits every variant
         for name, model in variants:
-            model.zero_grad(set_to_none=True)
+            start = time.process_time()
             times[name] = min(times[name], best(step(model), 1))
-    print(f"expert LoRA r8 on gate_up_proj and down_proj, {layers}-layer Mixtral-style (hidden {HIDDEN}, expert width {WIDTH}), {TOKENS} tokens, fp32, grouped_mm experts, forward + backward")
+            cpu[name] = min(cpu[name], time.process_time() - start)
+    print(f"expert LoRA r8 on gate_up_proj and down_proj, {layers}-layer Mixtral-style (hidden {HIDDEN}, expert width {WIDTH}), {TOKENS} tokens, fp32, grouped_mm experts,")
+    print(f"  training step (forward, backward to the input embeddings, AdamW on the adapters), best of {rounds} interleaved rounds")
     print(f"  frozen base {times['frozen']:.2f} s, expert LoRA {times['expert_lora']:.2f} s, PEFT target_parameters {times['target_parameters']:.2f} s")
-    print(f"  expert LoRA / frozen: {times['expert_lora'] / times['frozen']:.2f}x   PEFT target_parameters / expert LoRA: {times['target_parameters'] / times['expert_lora']:.2f}x")
+    print(f"  expert LoRA / frozen: {times['expert_lora'] / times['frozen']:.2f}x   PEFT target_parameters / frozen: {times['target_parameters'] / times['frozen']:.2f}x   PEFT target_parameters / expert LoRA: {times['target_parameters'] / times['expert_lora']:.2f}x")
+    if torch.get_num_threads() == 1:
+        print(f"  CPU seconds: frozen {cpu['frozen']:.2f}, expert LoRA {cpu['expert_lora']:.2f}, PEFT target_parameters {cpu['target_parameters']:.2f}; "
+              f"expert LoRA / frozen {cpu['expert_lora'] / cpu['frozen']:.2f}x, PEFT target_parameters / expert LoRA {cpu['target_parameters'] / cpu['expert_lora']:.2f}x")
     print(f"  max |logits difference| expert LoRA vs target_parameters: {diff:.2e}")
 
 
@@ -235,22 +264,44 @@ def loading_memory(layers: int = 8):
         print(f"  {name}: {peak[kind][0] / 2**20:.0f} MiB + {peak[kind][1] / 2**20:.0f} MiB mapped")
     print(f"  ratio 4-bit / bf16, anonymous: {peak['4bit'][0] / peak['bf16'][0]:.2f}x   anonymous + mapped: {sum(peak['4bit']) / sum(peak['bf16']):.2f}x")
 
+class _Tee(io.StringIO):
+    """Keeps what is printed and still prints it."""
+
+    def write(self, text):
+        sys.__stdout__.write(text)
+        return super().write(text)
+
+
+def load_average() -> str:
+    return f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores"
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--only", choices=["jetmoe", "fused", "load"], default=None)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--readme", type=Path, default=None, help="put the fused-expert figures into this file between <!-- moe_bench:fused --> markers")
     args = parser.parse_args()
+    if args.readme and args.only not in (None, "fused"):
+        parser.error("--readme writes the fused-expert figures: run them (--only fused, or everything)")
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    if args.only != "fused":
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {load_average()}")
     if args.only in (None, "jetmoe"):
         four_bit(args.rounds)
         lora_step(args.rounds, args.layers)
     if args.only in (None, "fused"):
-        fused_four_bit(args.rounds)
-        fused_lora_step(args.rounds, args.layers)
+        printed = _Tee()
+        with contextlib.redirect_stdout(printed):
+            print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {load_average()} at the start")
+            fused_four_bit(args.rounds)
+            fused_lora_step(args.rounds, args.layers)
+            print(f"{load_average()} at the end")
+        if args.readme:
+            write_between_markers(args.readme, "moe_bench:fused", "```\n" + printed.getvalue() + "```\n")
     if args.only in (None, "load"):
         loading_memory()
 

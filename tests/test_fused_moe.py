@@ -14,6 +14,7 @@ from alignment.errors import SmoeError
 from alignment.models.lora import FusedExpertLora, expert_lora_config, resolve_all_linear
 from alignment.models.moe import expert_weights, fused_experts, fused_layout
 from alignment.models.tiny import build_tokenizer
+from tests.test_experts import Ops
 
 SHAPE = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts_per_tok=2)
 FAMILIES = {
@@ -373,3 +374,29 @@ def test_4bit_keys_that_cannot_be_honoured_stop_with_the_key_and_the_fix(tmp_pat
     assert "set load_in_4bit: false" in err
     monkeypatch.undo()
     quant.usable_bitsandbytes.cache_clear()
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_fused_forward_equals_the_stock_experts_and_copies_no_gate_halves(family):
+    """Our fused forward (no adapter) against the module's own grouped_mm forward: the same output and
+    input gradient. With transformers' default SiLU gate (Mixtral) the backward writes the gate and up
+    gradients into one tensor, so nothing is concatenated; a family with its own gate (gpt-oss) keeps it."""
+    from alignment.models.moe import fused_experts_forward
+
+    experts = tiny(family).model.layers[0].mlp.experts
+    experts.config._experts_implementation = "grouped_mm"
+    torch.manual_seed(2)
+    x0 = torch.randn(10, 32)
+    index, weights = torch.rand(10, 4).topk(2, dim=-1).indices, torch.rand(10, 2)
+    grad = torch.randn(10, 32)
+    results = []
+    for forward in (experts, lambda *a: fused_experts_forward(experts, *a)):
+        x = x0.clone().requires_grad_()
+        out = forward(x, index, weights)
+        with Ops() as ops:
+            out.backward(grad)
+        results.append((out.detach(), x.grad, [name for name, _ in ops.seen]))
+    (stock, stock_grad, stock_ops), (ours, our_grad, our_ops) = results
+    assert torch.allclose(ours, stock, atol=1e-6) and torch.allclose(our_grad, stock_grad, atol=1e-6)
+    if family == "mixtral":
+        assert "aten.cat" in stock_ops and "aten.cat" not in our_ops

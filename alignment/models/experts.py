@@ -54,6 +54,69 @@ def expert_lora(inputs: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling:
     return grouped_linear(low_rank, b.to(inputs.dtype), expert_size, offsets)
 
 
+def _expert_rows(expert_size: list[int]):
+    """(expert, slice of its rows) for every expert that has tokens."""
+    start = 0
+    for expert, size in enumerate(expert_size):
+        if size:
+            yield expert, slice(start, start + size)
+        start += size
+
+
+class _AddExpertLora(torch.autograd.Function):
+    """y += x_e A_e^T B_e^T * scaling on each expert's rows, in place, one BLAS call per expert (the CPU
+    path: there grouped_mm is itself a loop of mm). Each product runs in the operand layout the CPU BLAS
+    is fast at with a rank-r side: B as [E, r, out] rows, the [tokens, r] factor added into y by addmm_
+    (no [tokens, out] temporary and no separate add), and the factor gradients formed as [r, *] =
+    low^T grad, several times faster than the [*, r] = grad^T low that grouped_mm's backward forms."""
+
+    @staticmethod
+    def forward(ctx, y, x, a, b, scaling, expert_size):
+        b_rows = b.transpose(1, 2).contiguous()  # [E, r, out]
+        low = x.new_empty(x.shape[0], a.shape[1])
+        for e, rows in _expert_rows(expert_size):
+            torch.mm(x[rows], a[e].t(), out=low[rows])
+        low.mul_(scaling)
+        for e, rows in _expert_rows(expert_size):
+            y[rows].addmm_(low[rows], b_rows[e])
+        ctx.mark_dirty(y)
+        ctx.save_for_backward(x, a, b_rows, low)
+        ctx.scaling, ctx.expert_size = scaling, expert_size
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, a, b_rows, low = ctx.saved_tensors
+        need_x, need_a, need_b = ctx.needs_input_grad[1:4]
+        grad_low = low.new_empty(low.shape)
+        grad_b_rows = torch.zeros_like(b_rows) if need_b else None
+        for e, rows in _expert_rows(ctx.expert_size):
+            torch.mm(grad[rows], b_rows[e].t(), out=grad_low[rows])
+            if need_b:
+                torch.mm(low[rows].t(), grad[rows], out=grad_b_rows[e])
+        grad_low.mul_(ctx.scaling)
+        grad_a = torch.zeros_like(a) if need_a else None
+        grad_x = torch.empty_like(x) if need_x else None
+        for e, rows in _expert_rows(ctx.expert_size):
+            if need_a:
+                torch.mm(grad_low[rows].t(), x[rows], out=grad_a[e])
+            if need_x:
+                torch.mm(grad_low[rows], a[e], out=grad_x[rows])
+        if need_x and sum(ctx.expert_size) < x.shape[0]:
+            grad_x[sum(ctx.expert_size):] = 0
+        return grad, grad_x, grad_a, grad_b_rows.transpose(1, 2) if need_b else None, None, None
+
+
+def add_expert_lora(y: torch.Tensor, inputs: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float, expert_size: list[int], offsets: torch.Tensor | None = None) -> torch.Tensor:
+    """y + expert_lora(inputs, a, b, scaling, expert_size), with y [tokens, out] the base projection's
+    fresh output (nothing else may hold it: on the CPU it is updated in place). On the CPU, one BLAS
+    call per expert in the layouts it runs fastest; elsewhere the grouped matmuls of `expert_lora`."""
+    a, b = a.to(inputs.dtype), b.to(inputs.dtype)
+    if inputs.device.type == "cpu" and y.dtype == inputs.dtype and not (y.is_leaf and y.requires_grad):
+        return _AddExpertLora.apply(y, inputs, a, b, scaling, expert_size)
+    return y + expert_lora(inputs, a, b, scaling, expert_size, offsets).to(y.dtype)
+
+
 def experts_forward(self, inputs: torch.Tensor, expert_size: list[int]) -> torch.Tensor:
     return grouped_linear(inputs, self.weight, expert_size)
 

@@ -20,7 +20,7 @@ from torch import nn
 from transformers.models.jetmoe.modeling_jetmoe import JetMoeParallelExperts
 
 from alignment.errors import SmoeError
-from alignment.models.experts import expert_lora
+from alignment.models.experts import add_expert_lora
 from alignment.models.quant import fused_quantized
 from alignment.models.moe import expert_modules, fused_experts, fused_experts_forward, fused_layout
 
@@ -88,7 +88,7 @@ class ExpertLoraLayer(nn.Module, LoraLayer):
             if name not in self.lora_A:
                 continue
             x = self.lora_dropout[name](inputs)
-            result = result + expert_lora(x, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name], expert_size).to(result.dtype)
+            result = add_expert_lora(result, x, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name], expert_size)
         return result
 
     def __repr__(self) -> str:
