@@ -92,6 +92,7 @@ def use_checkpointing_policy(training_args, args: CheckpointingArgs | None, peft
     if kwargs.get("context_fn") == SelectiveCheckpointing(kinds):
         return
     kwargs["context_fn"] = SelectiveCheckpointing(kinds)
+    kwargs["use_reentrant"] = False  # transformers fills it in only when no kwargs are given
     # transformers holds the old and the new name as one dict: set both, whichever is read
     training_args.activation_checkpointing_kwargs = training_args.gradient_checkpointing_kwargs = kwargs
     print(f"note: activation checkpointing keeps the outputs of the {', '.join(kinds)} ops and recomputes the rest", file=sys.stderr)
