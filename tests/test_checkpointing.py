@@ -14,11 +14,19 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import TrainerCallback
 
 from alignment.cli import main
+from alignment.models import checkpointing
 from alignment.models.checkpointing import CheckpointingArgs, SelectiveCheckpointing
 from alignment.models.jetmoe import load_causal_lm, load_tokenizer
 from alignment.models.router import MoEArgs
 
 SELECTIVE = ["matmul", "grouped_matmul", "attention"]
+
+
+@pytest.fixture(autouse=True)
+def tiny_reduction(monkeypatch):
+    """The tiny models' widths (32-192) are all under the real threshold of 256: scaled down with them, so
+    that their projections are kept and rank-4 LoRA B products still fall below it."""
+    monkeypatch.setattr(checkpointing, "MIN_REDUCTION", 16)
 WORDS = ["one", "two", "three", "four", "five", "six", "seven", "eight"]
 
 
@@ -150,6 +158,15 @@ def test_selective_keeps_matmul_outputs_and_recomputes_the_rest(family, micro_mo
     assert ran["attention"]["_scaled_dot_product_flash_attention_for_cpu"] == 0 and ran["attention"]["mm"] == ran["full"]["mm"]  # a list keeps those kinds only
 
 
+def test_matmuls_over_a_short_reduction_are_recomputed():
+    mm, keep = torch.ops.aten.mm.default, checkpointing.keep_outputs
+    ops = checkpointing.ops_of(SELECTIVE)
+    assert keep(ops, 16, None, mm, torch.ones(8, 32), torch.ones(32, 64)) == checkpointing.CheckpointPolicy.MUST_SAVE
+    assert keep(ops, 16, None, mm, torch.ones(8, 4), torch.ones(4, 64)) == checkpointing.CheckpointPolicy.PREFER_RECOMPUTE  # a rank-4 LoRA B product
+    assert keep(ops, 16, None, torch.ops.aten.addmm.default, torch.ones(64), torch.ones(8, 4), torch.ones(4, 64)) == checkpointing.CheckpointPolicy.PREFER_RECOMPUTE
+    assert keep(ops, 16, None, torch.ops.aten.silu.default, torch.ones(8, 64)) == checkpointing.CheckpointPolicy.PREFER_RECOMPUTE
+
+
 def test_policy_values_and_the_context_function():
     assert CheckpointingArgs().kinds() is None
     assert CheckpointingArgs("selective").kinds() == SELECTIVE
@@ -159,7 +176,7 @@ def test_policy_values_and_the_context_function():
         with pytest.raises(ValueError, match="activation_checkpointing_policy"):
             CheckpointingArgs(bad)
     context = SelectiveCheckpointing(SELECTIVE)
-    assert json.loads(json.dumps({"context_fn": context})) == {"context_fn": {"keep_outputs_of": SELECTIVE}}  # TrainingArguments still dump to JSON
+    assert json.loads(json.dumps({"context_fn": context})) == {"context_fn": {"keep_outputs_of": SELECTIVE, "min_matmul_reduction": 16}}  # TrainingArguments still dump to JSON
     assert pickle.loads(pickle.dumps(context)) == context and len(context()) == 2  # and save with the checkpoint
 
 
@@ -174,3 +191,29 @@ def test_what_cannot_be_honoured_is_refused(extra, message, micro_model, tmp_pat
     err = capsys.readouterr().err
     assert message in err and ("activation_checkpointing_policy" in err or "gradient_checkpointing_kwargs" in err)
     assert "fix:" in err
+
+
+@pytest.mark.parametrize("family", ["jetmoe", "mixtral-8x7b"])
+def test_estimate_memory_models_what_selective_checkpointing_keeps(family, micro_model, tiny_families):
+    """alignment.memory.kept_bytes against the outputs torch's selective checkpointing holds between forward
+    and backward (its cache), per layer per token, on a tiny model in fp32 (the formula counts bf16)."""
+    from torch.utils._pytree import tree_leaves
+
+    from alignment.memory import kept_bytes
+
+    model = load_causal_lm(micro_model if family == "jetmoe" else str(tiny_families / family), "float32")
+    caches = []
+
+    def context_fn():
+        caching, cached = SelectiveCheckpointing(SELECTIVE)()
+        caches.append(caching.storage)
+        return caching, cached
+
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False, "context_fn": context_fn})
+    model.train()
+    tokens = 64
+    model(input_ids=torch.randint(3, 200, (1, tokens), generator=torch.Generator().manual_seed(0)))
+    held = sum(leaf.val.nbytes for cache in caches for outputs in cache.values() for entry in outputs.values() for leaf in tree_leaves(entry) if hasattr(leaf, "val"))
+    layers = model.config.num_hidden_layers
+    assert len(caches) == layers
+    assert held / layers == pytest.approx(2 * kept_bytes(model.config, tokens, SELECTIVE), rel=0.05)

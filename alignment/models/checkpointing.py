@@ -5,7 +5,8 @@
              (transformers' own checkpointing; the default)
   selective  each decoder layer also keeps the outputs of its matmuls, grouped (expert) matmuls and
              attention kernels; backward reruns only the cheap rest (norms, activations, rotary,
-             routing, gathers, casts) on top of them
+             routing, gathers, casts, and matmuls over a reduction shorter than MIN_REDUCTION such as
+             LoRA's B products) on top of them
   [kinds]    a list of the op kinds to keep, from OP_KINDS: `[attention]` keeps only the attention kernels' outputs
 
 It is torch.utils.checkpoint (non-reentrant) with `context_fn = create_selective_checkpoint_contexts(ops)`,
@@ -17,11 +18,12 @@ grouped matmul is kept and the dequantisation is recomputed, because its output 
 (too large to keep); a Function's backward runs as it always does.
 """
 
+import functools
 import sys
 from dataclasses import dataclass, field
 
 import torch
-from torch.utils.checkpoint import create_selective_checkpoint_contexts
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from alignment.errors import SmoeError
 
@@ -60,19 +62,37 @@ class CheckpointingArgs:
         return list(dict.fromkeys(policy))
 
 
-def ops_of(kinds: list[str]) -> list:
-    return [getattr(torch.ops.aten, name).default for kind in kinds for name in OP_KINDS[kind] if hasattr(torch.ops.aten, name)]
+# a matmul's output is kept only when its reduction is at least this long: below it, redoing the product costs
+# few FLOPs per element kept (a LoRA B product, reduction = rank, is cheaper to redo than to hold)
+MIN_REDUCTION = 256
+# where each matmul op's left operand sits among its arguments (the reduction is its last dimension)
+LEFT_OPERAND = {"mm": 0, "bmm": 0, "_grouped_mm": 0, "addmm": 1, "baddbmm": 1}
+
+
+def ops_of(kinds: list[str]) -> set:
+    return {getattr(torch.ops.aten, name).default for kind in kinds for name in OP_KINDS[kind] if hasattr(torch.ops.aten, name)}
+
+
+def keep_outputs(ops: set, min_reduction: int, ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    """The policy: keep the outputs of the listed ops, matmuls only when their reduction is long enough."""
+    if op not in ops:
+        return CheckpointPolicy.PREFER_RECOMPUTE
+    left = LEFT_OPERAND.get(op.__name__.split(".")[0])
+    if left is not None and args[left].shape[-1] < min_reduction:
+        return CheckpointPolicy.PREFER_RECOMPUTE
+    return CheckpointPolicy.MUST_SAVE
 
 
 class SelectiveCheckpointing(dict):
     """`context_fn` for torch.utils.checkpoint that keeps the outputs of the named op kinds. A dict of its
-    setting, so that the training arguments it travels in still dump to JSON (TensorBoard's args text)."""
+    settings, so that the training arguments it travels in still dump to JSON (TensorBoard's args text)."""
 
-    def __init__(self, kinds: list[str]):
-        super().__init__(keep_outputs_of=list(kinds))
+    def __init__(self, kinds: list[str], min_reduction: int | None = None):
+        super().__init__(keep_outputs_of=list(kinds), min_matmul_reduction=min_reduction or MIN_REDUCTION)
 
     def __call__(self):
-        return create_selective_checkpoint_contexts(ops_of(self["keep_outputs_of"]))
+        policy = functools.partial(keep_outputs, ops_of(self["keep_outputs_of"]), self["min_matmul_reduction"])
+        return create_selective_checkpoint_contexts(policy)
 
 
 def use_checkpointing_policy(training_args, args: CheckpointingArgs | None, peft: bool):
