@@ -6,10 +6,10 @@ usage: python bench/checkpointing_bench.py [--shape mid] [--stage sft|dpo] [--se
 The project's sft (or dpo) trainer on the random-initialised JetMoE of bench/train_throughput.py (mid: 69M
 parameters, fp32 on the CPU), full fine-tuning, the same rows and seed for every policy. One warm-up step
 each, then --rounds timed optimizer steps, one step per policy per round in rotating order, so that the load
-of a shared machine falls on all alike; the ratio to `full` is the median of the per-round ratios. Memory:
-the peak of the bytes torch's CPU allocator holds during one step above what it held when the step
-began (torch.profiler's memory events; the weights, the optimizer state and the gradients are the same for
-every policy, so the differences are activations). The first step's losses must be equal across policies.
+of a shared machine falls on all alike; the ratio to `full` is the median of the per-round ratios, in wall
+clock and in CPU seconds. Memory, from torch.profiler's memory events of one more step: the bytes torch's
+CPU allocator holds when the forward ends (what is kept for backward) and at the step's peak (gradients
+included), above what it held when the step began. The first step's losses must be equal across policies.
 `none` is no checkpointing, `full` whole-layer checkpointing (transformers'), the others
 `activation_checkpointing_policy` (alignment.models.checkpointing; a list joined by +).
 """
@@ -31,7 +31,7 @@ from alignment.models.checkpointing import CheckpointingArgs  # noqa: E402
 from alignment.models.router import MoEArgs  # noqa: E402
 from alignment.train_common import DataArgs, load_student  # noqa: E402
 
-GIB = 2**30
+FORWARD_END = "checkpointing_bench::forward_end"
 
 
 def policy_args(policy: str) -> CheckpointingArgs | None:
@@ -57,20 +57,32 @@ def build(policy: str, args, data):
         return loss
 
     trainer.training_step = recorded
+    compute_loss = trainer.compute_loss
+
+    def marked(*a, **k):  # where the forward ends, for the memory held into backward
+        out = compute_loss(*a, **k)
+        with torch.profiler.record_function(FORWARD_END):
+            pass
+        return out
+
+    trainer.compute_loss = marked
     return trainer
 
 
-def peak_step_bytes(trainer, args) -> int:
-    """Peak bytes held by torch's CPU allocator during one step, above what it held when the step began."""
+def step_memory(trainer, args) -> tuple[int, int]:
+    """Bytes torch's CPU allocator holds when the forward ends (what is kept for backward), and at its peak
+    during the step (gradients included), both above what it held when the step began."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         bench.run_round(trainer, "project", args)
-    held = peak = 0
+    held = peak = after_forward = 0
     for event in sorted(prof.events(), key=lambda e: e.time_range.start):  # an op's own allocations; frees are `[memory]` events
         held += event.self_cpu_memory_usage
         peak = max(peak, held)
-    return peak
+        if event.name == FORWARD_END:
+            after_forward = held
+    return after_forward, peak
 
 
 def main():
@@ -97,17 +109,23 @@ def main():
         for trainer in trainers.values():  # warm-up: allocator, optimizer state; the losses compared
             bench.run_round(trainer, "project", args)
             bench.timer(trainer).times.clear()
+            bench.timer(trainer).cpu_times.clear()
         losses = {p: t.losses[0] for p, t in trainers.items()}
         for round_ in range(args.rounds):
             for p in policies[round_ % len(policies):] + policies[: round_ % len(policies)]:
                 bench.run_round(trainers[p], "project", args)
-        times = {p: bench.timer(t).times for p, t in trainers.items()}
-        memory = {p: peak_step_bytes(t, args) for p, t in trainers.items()}
+        times = {p: list(bench.timer(t).times) for p, t in trainers.items()}
+        cpu_times = {p: list(bench.timer(t).cpu_times) for p, t in trainers.items()}
+        memory = {p: step_memory(t, args) for p, t in trainers.items()}
     reference = "full" if "full" in policies else policies[0]
-    print(f"{'policy':<28}{'step s':>8}{'vs ' + reference:>10}{'peak MiB':>10}{'vs ' + reference:>10}   first loss")
+    print(f"step time: median s per optimizer step, and the median of the per-round ratios to {reference} (wall clock; CPU seconds)")
+    print(f"memory: MiB held when the forward ends (kept for backward) and at the step's peak (gradients included), above the step's start")
+    print(f"{'policy':<26}{'step s':>8}{'vs ' + reference:>10}{'CPU s':>8}{'kept MiB':>10}{'peak MiB':>10}   first loss")
     for p in policies:
         ratio = statistics.median(a / b for a, b in zip(times[p], times[reference]))
-        print(f"{p:<28}{statistics.median(times[p]):8.3f}{ratio:9.2f}x{memory[p] / 2**20:10.0f}{memory[p] / memory[reference]:9.2f}x   {losses[p]:.6f}")
+        cpu_ratio = statistics.median(a / b for a, b in zip(cpu_times[p], cpu_times[reference]))
+        kept, peak = memory[p]
+        print(f"{p:<26}{statistics.median(times[p]):8.2f}{ratio:9.2f}x{cpu_ratio:7.2f}x{kept / 2**20:10.0f}{peak / 2**20:10.0f}   {losses[p]:.6f}")
     spread = max(losses.values()) - min(losses.values())
     print(f"first-step losses {'equal' if spread <= 1e-6 else 'NOT EQUAL'} across policies (spread {spread:.1e})")
 
