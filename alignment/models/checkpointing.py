@@ -13,9 +13,12 @@ It is torch.utils.checkpoint (non-reentrant) with `context_fn = create_selective
 handed to transformers' `activation_checkpointing_kwargs`, so every decoder layer of every family
 (JetMoE and the fused-expert families) checkpoints through it, and TRL's own re-enabling (the DPO
 reference pass) keeps it. The policy sees aten ops as they dispatch, those inside an autograd Function's
-forward included: in the JetMoE expert gathers and the NF4 expert matmuls (alignment.models.quant) the
-grouped matmul is kept and the dequantisation is recomputed, because its output is the bf16 expert bank
-(too large to keep); a Function's backward runs as it always does.
+forward included (the cache sits below autograd): the expert gathers of alignment.models.experts are
+recomputed, and of the NF4 expert matmuls (alignment.models.quant; bitsandbytes' mm per expert for JetMoE,
+a grouped matmul for fused experts) the product is kept while the dequantisation is redone, since its
+output is the bf16 expert bank, too large to keep. A Function's backward runs as it always does (NF4:
+dequantise again, multiply). transformers' `offload` moves only what checkpointing itself saves (the layer
+inputs) to the host; the kept outputs stay on the device.
 """
 
 import functools
