@@ -17,8 +17,7 @@ forward included (the cache sits below autograd): the expert gathers of alignmen
 recomputed, and of the NF4 expert matmuls (alignment.models.quant; bitsandbytes' mm per expert for JetMoE,
 a grouped matmul for fused experts) the product is kept while the dequantisation is redone, since its
 output is the bf16 expert bank, too large to keep. A Function's backward runs as it always does (NF4:
-dequantise again, multiply). transformers' `offload` moves only what checkpointing itself saves (the layer
-inputs) to the host; the kept outputs stay on the device.
+dequantise again, multiply).
 """
 
 import functools
