@@ -217,3 +217,47 @@ def test_estimate_memory_models_what_selective_checkpointing_keeps(family, micro
     layers = model.config.num_hidden_layers
     assert len(caches) == layers
     assert held / layers == pytest.approx(2 * kept_bytes(model.config, tokens, SELECTIVE), rel=0.05)
+
+
+class CountMatmuls(TorchDispatchMode):
+    """Per op name, the calls; for matmuls also (name, reduction) so that LoRA's rank-wide products stand apart."""
+
+    def __init__(self):
+        super().__init__()
+        self.ran = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        self.ran[name] += 1
+        if name in ("mm", "_grouped_mm"):
+            self.ran[(name, args[0].shape[-1])] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_nf4_experts_under_selective_redo_the_dequantisation_not_the_product(tiny_families):
+    """The NF4 expert matmul is an autograd Function: its forward's ops reach the policy, so its grouped
+    product is taken from the cache in the recompute while the dequantisation (the bf16 bank, not kept) runs again."""
+    from peft import get_peft_model
+    from trl import ModelConfig
+
+    from alignment.train_common import DataArgs, load_student
+
+    ran = {}
+    for policy in ("none", "full", "selective"):
+        model_args = ModelConfig(model_name_or_path=str(tiny_families / "mixtral-8x7b"), dtype="float32", use_peft=True, load_in_4bit=True, lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_target_modules="all-linear")
+        model, _, peft_config = load_student(model_args, DataArgs())
+        model = get_peft_model(model, peft_config)
+        model.enable_input_require_grads()  # as the trainer does for checkpointing with adapters: the same backward for all three
+        if policy != "none":
+            kwargs = {"use_reentrant": False, **({"context_fn": SelectiveCheckpointing(SELECTIVE)} if policy == "selective" else {})}
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        model.train()
+        ids = torch.randint(3, 200, (2, 24), generator=torch.Generator().manual_seed(0))
+        loss = model(input_ids=ids, labels=ids).loss
+        with CountMatmuls() as counted:
+            loss.backward()
+        ran[policy] = counted.ran
+    assert ran["selective"]["dequantize_4bit"] == ran["full"]["dequantize_4bit"] > ran["none"]["dequantize_4bit"]
+    redone = {key: n - ran["none"][key] for key, n in ran["selective"].items() if isinstance(key, tuple) and n > ran["none"][key]}
+    assert redone and all(reduction < 16 for _, reduction in redone)  # only the rank-4 LoRA B products run again
+    assert ran["full"][("_grouped_mm", 128)] > ran["selective"][("_grouped_mm", 128)] == ran["none"][("_grouped_mm", 128)]  # the NF4 gate/up products
