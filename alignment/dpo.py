@@ -19,6 +19,7 @@ from trl import DPOConfig, DPOTrainer, ModelConfig
 from alignment.data import keep_answerable, to_preference
 from alignment.errors import SmoeError
 from alignment.distributed import check_before_loading
+from alignment.models.checkpointing import CheckpointingArgs, use_checkpointing_policy
 from alignment.models.router import MoEArgs, RouterLossMixin, attach_router_losses
 from alignment.train_common import DataArgs, check_training_setup, load_student, train_and_save, trainer_refusals
 
@@ -28,7 +29,7 @@ class DPODataArgs(DataArgs):
     pass
 
 
-RECIPE_CLASSES = (DPODataArgs, DPOConfig, ModelConfig, MoEArgs)
+RECIPE_CLASSES = (DPODataArgs, DPOConfig, ModelConfig, MoEArgs, CheckpointingArgs)
 
 
 class MoEDPOTrainer(RouterLossMixin, DPOTrainer):
@@ -51,9 +52,10 @@ def end_at_eos(ids: list[int], eos: int | None) -> list[int]:
     return ids[: len(ids) - ids[::-1].index(eos)]
 
 
-def run(data_args: DPODataArgs, training_args: DPOConfig, model_args: ModelConfig, moe: MoEArgs):
+def run(data_args: DPODataArgs, training_args: DPOConfig, model_args: ModelConfig, moe: MoEArgs, checkpointing: CheckpointingArgs | None = None):
     started = time.time()
     check_before_loading(training_args, model_args)
+    use_checkpointing_policy(training_args, checkpointing, peft=model_args.use_peft)  # refused before the model loads
     train, held_out, where = data_args.rows()
     check_training_setup(training_args, held_out)
     rows = [to_preference(r, where, i) for i, r in enumerate(train, 1)]
@@ -61,17 +63,18 @@ def run(data_args: DPODataArgs, training_args: DPOConfig, model_args: ModelConfi
     model, tokenizer, peft_config = load_student(model_args, data_args)
     dataset = Dataset.from_list(keep_answerable(rows, tokenizer, training_args, where, "dpo"))
     eval_dataset = Dataset.from_list(keep_answerable(eval_rows, tokenizer, training_args, f"{where} (evaluation rows)", "dpo")) if eval_rows else None
-    trainer = build_trainer(model, tokenizer, peft_config, training_args, dataset, moe, eval_dataset)
+    trainer = build_trainer(model, tokenizer, peft_config, training_args, dataset, moe, eval_dataset, checkpointing)
     return train_and_save(trainer, "dpo", started, rows=len(dataset), dropped_truncated=len(rows) - len(dataset))
 
 
-def build_trainer(model, tokenizer, peft_config, training_args: DPOConfig, dataset: Dataset, moe: MoEArgs, eval_dataset: Dataset | None = None) -> MoEDPOTrainer:
+def build_trainer(model, tokenizer, peft_config, training_args: DPOConfig, dataset: Dataset, moe: MoEArgs, eval_dataset: Dataset | None = None, checkpointing: CheckpointingArgs | None = None) -> MoEDPOTrainer:
     # TRL would reload the reference from the path in the model's config, which for a merged adapter is not this model
     unknown = [t for t in training_args.loss_type if t not in LOSS_TYPES]
     if unknown:  # TRL finds out only at the first step
         raise SmoeError(f"unknown loss_type {unknown}", "recipe key loss_type", f"use some of {sorted(LOSS_TYPES)}")
     needs_reference = peft_config is None and not training_args.precompute_ref_log_probs
     ref_model = copy.deepcopy(model).eval().requires_grad_(False) if needs_reference else None
+    use_checkpointing_policy(training_args, checkpointing, peft=peft_config is not None)
     with trainer_refusals():
         trainer = MoEDPOTrainer(model=model, ref_model=ref_model, args=training_args, train_dataset=dataset, eval_dataset=eval_dataset, processing_class=tokenizer, peft_config=peft_config)
     attach_router_losses(trainer, moe, "dpo")

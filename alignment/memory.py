@@ -17,7 +17,7 @@ transformers' own rule. The rest is a model of what training keeps in memory, pe
                fp32 (PEFT upcasts them), except on a model loaded through transformers' 4-bit path,
                where TRL 1.16 casts them to bf16 (SFTTrainer / DPOTrainer, "_is_quantized_model")
   activations  with checkpointing: every layer's input (hidden x 2 B per token) + one layer recomputed
-               in full + the LM head + every layer's router logits (the load-balancing loss). TRL 1.16's fused LM head (`add_fused_lm_head`) never builds the
+               in full (selective checkpointing: + every other layer's kept matmul / attention outputs, `kept_bytes`) + the LM head + every layer's router logits (the load-balancing loss). TRL 1.16's fused LM head (`add_fused_lm_head`) never builds the
                [tokens, vocabulary] logits: it projects tiles of 4,096 tokens x 32,768 entries (bf16
                under autocast) and keeps an fp32 gradient of the hidden states. DPO runs chosen and
                rejected together: twice the tokens; precomputed reference log-probs run once before
@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 from alignment.errors import SmoeError
+from alignment.models.checkpointing import CheckpointingArgs
 from alignment.models.jetmoe import root_model
 
 GIB = 1024**3
@@ -233,6 +234,30 @@ def layer_bytes(config, tokens: int, masked: bool = False, quantized: bool = Fal
 
 
 
+def kept_bytes(config, tokens: int, kinds: list[str], quantized: bool = False) -> int:
+    """What selective checkpointing (alignment.models.checkpointing) keeps of one decoder layer besides its
+    input, bf16: the outputs of the kept op kinds, per token
+      matmul          dense projections: JetMoE's kv_proj and two routers; q, k, v, o and the router elsewhere
+      grouped_matmul  expert banks, for each top-k copy: JetMoE's attention experts in and out, and every
+                      family's gate/up (2 x width) and down
+      attention       the attention kernel's output (its fp32 log-sum-exp counted as two bf16 per head)
+    JetMoE's NF4 banks multiply through bitsandbytes, one mm per expert: there they count as matmul. LoRA adds
+    nothing that counts: its B products (reduction = rank) are recomputed, its A products are rank-wide."""
+    h, k, experts = config.hidden_size, config.num_experts_per_tok, num_experts(config)
+    if config.model_type == "jetmoe":
+        attn = config.num_key_value_heads * config.kv_channels
+        heads = k * config.num_key_value_heads
+        dense, banks, attention = 2 * attn + 2 * experts, k * (attn + h + 2 * config.intermediate_size + h), k * attn + 2 * heads
+    else:
+        heads, kv_heads, head_dim = attention_shape(config)
+        q, kv = heads * head_dim, kv_heads * head_dim
+        dense, banks, attention = q + 2 * kv + h + experts, k * (2 * expert_width(config) + h), q + 2 * heads
+    if quantized and config.model_type == "jetmoe":
+        dense, banks = dense + banks, 0
+    per_kind = {"matmul": dense, "grouped_matmul": banks, "attention": attention}
+    return 2 * tokens * sum(per_kind[kind] for kind in kinds)
+
+
 def no_grad_layer_bytes(config, tokens: int, quantized: bool = False) -> int:
     """Peak of one layer's forward without gradients (reference log-probs): the residual stream and the
     widest moment of the expert block: for each top-k copy, the gathered input and, at once, either the
@@ -251,7 +276,7 @@ def lm_head_bytes(config, tokens: int, gradients: bool) -> int:
     return tile + tokens * config.hidden_size * (2 + (4 if gradients else 0))
 
 
-def estimate(config, counts: dict, method: str, stage: str, seq_len: int, batch: int, checkpointing: bool, adapter: Adapter, precomputed_reference: bool = False, precompute_batch: int | None = None, nested_quant: bool = True) -> dict:
+def estimate(config, counts: dict, method: str, stage: str, seq_len: int, batch: int, checkpointing: bool, adapter: Adapter, precomputed_reference: bool = False, precompute_batch: int | None = None, nested_quant: bool = True, kept_kinds: list[str] | None = None) -> dict:
     pairs = 2 if stage == "dpo" else 1
     tokens = seq_len * batch * pairs
     total_params = counts["experts"] + counts["dense"]
@@ -272,8 +297,9 @@ def estimate(config, counts: dict, method: str, stage: str, seq_len: int, batch:
     masked = stage == "dpo"  # chosen and rejected padded to one length: a padding mask
     layer = layer_bytes(config, tokens, masked, quantized=method == "qlora")
     logits = lm_head_bytes(config, tokens, gradients=True)
-    if checkpointing:
-        activations = config.num_hidden_layers * tokens * config.hidden_size * 2 + layer + logits
+    kept = kept_bytes(config, tokens, kept_kinds, quantized=method == "qlora") if checkpointing and kept_kinds else 0
+    if checkpointing:  # the layer being recomputed holds its own kept outputs among its tensors
+        activations = config.num_hidden_layers * tokens * config.hidden_size * 2 + (config.num_hidden_layers - 1) * kept + layer + logits
     else:
         activations = config.num_hidden_layers * layer + logits
     activations += router_bytes(config, tokens)
@@ -290,6 +316,7 @@ def estimate(config, counts: dict, method: str, stage: str, seq_len: int, batch:
     result["layer"] = layer / GIB
     result["logits"] = logits / GIB
     result["routers"] = router_bytes(config, tokens) / GIB
+    result["kept"] = kept / GIB
     result["trainable_parameters"] = trainable
     result["parameters"] = total_params
     return result
@@ -316,22 +343,26 @@ def run_estimate(recipe: dict, args: MemoryArgs) -> dict:
     seq_len = args.seq_len or recipe.get("max_length", 1024)
     batch = args.batch_size or recipe.get("per_device_train_batch_size", 8)
     checkpointing = recipe.get("gradient_checkpointing", True)  # TRL's default
+    kept_kinds = CheckpointingArgs(recipe.get("activation_checkpointing_policy", "full")).kinds()
     chosen = "qlora" if recipe.get("load_in_4bit") else "lora" if recipe.get("use_peft") else "full"
     adapter = lora_adapter(config, recipe, quantized=True)
     precomputed = recipe.get("precompute_ref_log_probs", False)
-    settings = dict(precomputed_reference=precomputed, precompute_batch=recipe.get("precompute_ref_batch_size"), nested_quant=recipe.get("use_bnb_nested_quant", False))
+    settings = dict(precomputed_reference=precomputed, precompute_batch=recipe.get("precompute_ref_batch_size"), nested_quant=recipe.get("use_bnb_nested_quant", False), kept_kinds=kept_kinds)
     table = {m: estimate(config, counts, m, stage, seq_len, batch, checkpointing, adapter, **settings) for m in ("full", "lora", "qlora")}
-    return {"stage": stage, "seq_len": seq_len, "batch": batch, "checkpointing": checkpointing, "lora_r": recipe.get("lora_r", 16), "recipe_method": chosen, "estimates": table, "config": config, "counts": counts, "adapter": adapter}
+    return {"stage": stage, "seq_len": seq_len, "batch": batch, "checkpointing": checkpointing, "kept_kinds": kept_kinds, "lora_r": recipe.get("lora_r", 16), "recipe_method": chosen, "estimates": table, "config": config, "counts": counts, "adapter": adapter}
 
 
 def format_estimate(result: dict) -> str:
     lines = [
-        f"{result['stage']} at sequence length {result['seq_len']}, batch {result['batch']}, checkpointing {'on' if result['checkpointing'] else 'off'}, LoRA rank {result['lora_r']} (GiB)",
+        f"{result['stage']} at sequence length {result['seq_len']}, batch {result['batch']}, checkpointing {'on' if result['checkpointing'] else 'off'}"
+        + (f" keeping the {' / '.join(result['kept_kinds'])} outputs" if result["checkpointing"] and result["kept_kinds"] else "")
+        + f", LoRA rank {result['lora_r']} (GiB)",
         f"{'method':<8}{'weights':>9}{'grads':>8}{'optim':>8}{'activ':>8}{'TOTAL':>8}{'+margin':>9}   trainable",
     ]
     for method, e in result["estimates"].items():
         mark = "  <- this recipe" if method == result["recipe_method"] else ""
         lines.append(f"{method:<8}{e['weights']:9.2f}{e['gradients']:8.2f}{e['optimizer']:8.2f}{e['activations']:8.2f}{e['total']:8.2f}{e['with_margin']:9.2f}   {e['trainable_parameters'] / 1e6:,.1f}M{mark}")
     chosen = result["estimates"][result["recipe_method"]]
-    lines.append(f"activations of this recipe: one layer {chosen['layer']:.2f}, LM head {chosen['logits']:.2f}, router logits {chosen['routers']:.2f}" + (f"; reference log-probs before training peak at {chosen['precompute']:.2f}" if chosen["precompute"] else ""))
+    kept = f", kept by selective checkpointing {chosen['kept'] * (result['config'].num_hidden_layers - 1):.2f}" if chosen["kept"] else ""
+    lines.append(f"activations of this recipe: one layer {chosen['layer']:.2f}, LM head {chosen['logits']:.2f}, router logits {chosen['routers']:.2f}{kept}" + (f"; reference log-probs before training peak at {chosen['precompute']:.2f}" if chosen["precompute"] else ""))
     return "\n".join(lines)

@@ -42,9 +42,9 @@ def data(micro_model, tmp_path_factory):
     return {"sft": str(root / "sft"), "dpo": str(root / "pairs.jsonl")}
 
 
-def one_and_two(launch, stage, recipe, micro_model, data, tmp_path):
+def one_and_two(launch, stage, recipe, micro_model, data, tmp_path, extra=()):
     """The same recipe on 1 process (batch 8) and sharded on 2 (batch 4 each); returns both output dirs."""
-    args = [stage, "--config", recipe, "--model_name_or_path", micro_model, "--dataset_path", data[stage], *COMMON]
+    args = [stage, "--config", recipe, "--model_name_or_path", micro_model, "--dataset_path", data[stage], *COMMON, *extra]
     one, two = tmp_path / "one", tmp_path / "two"
     assert main([*args, "--output_dir", str(one), "--per_device_train_batch_size", "8"]) == 0
     launched = subprocess.run(
@@ -72,5 +72,14 @@ def test_expert_lora_sharded_matches_one_process_and_loads(launch, stage, recipe
 @pytest.mark.parametrize("launch, stage, recipe", [(FSDP, "sft", "recipes/tiny/sft.yaml"), (FSDP, "dpo", "recipes/tiny/dpo.yaml"), pytest.param(ZERO3, "sft", "recipes/tiny/sft.yaml", marks=needs_deepspeed)], ids=["fsdp-sft", "fsdp-dpo", "zero3-sft"])
 def test_full_fine_tuning_sharded_matches_one_process(launch, stage, recipe, micro_model, data, tmp_path):
     one, two = one_and_two(launch, stage, recipe, micro_model, data, tmp_path)
+    a, b = load_causal_lm(str(one)).state_dict(), load_causal_lm(str(two)).state_dict()
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
+
+
+def test_selective_checkpointing_sharded_matches_one_process(micro_model, data, tmp_path):
+    """torch's selective checkpointing inside FSDP2's wrapped layers (their all-gathers run in the checkpointed
+    region and are recomputed, the attention outputs are kept): the losses and weights of one process."""
+    extra = ["--gradient_checkpointing", "true", "--activation_checkpointing_policy", "selective"]
+    one, two = one_and_two(FSDP, "sft", "recipes/tiny/sft.yaml", micro_model, data, tmp_path, extra)
     a, b = load_causal_lm(str(one)).state_dict(), load_causal_lm(str(two)).state_dict()
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
