@@ -230,7 +230,8 @@ class CountMatmuls(TorchDispatchMode):
         name = func.overloadpacket.__name__
         self.ran[name] += 1
         if name in ("mm", "_grouped_mm"):
-            self.ran[(name, args[0].shape[-1])] += 1
+            self.ran[(name, args[0].shape[-1])] += 1  # by reduction
+            self.ran[(name, args[0].shape[-1], args[1].shape[-1])] += 1  # by reduction and output width
         return func(*args, **(kwargs or {}))
 
 
@@ -258,6 +259,7 @@ def test_nf4_experts_under_selective_redo_the_dequantisation_not_the_product(tin
             loss.backward()
         ran[policy] = counted.ran
     assert ran["selective"]["dequantize_4bit"] == ran["full"]["dequantize_4bit"] > ran["none"]["dequantize_4bit"]
-    redone = {key: n - ran["none"][key] for key, n in ran["selective"].items() if isinstance(key, tuple) and n > ran["none"][key]}
-    assert redone and all(reduction < 16 for _, reduction in redone)  # only the rank-4 LoRA B products run again
+    redone = {key: n - ran["none"][key] for key, n in ran["selective"].items() if isinstance(key, tuple) and len(key) == 3 and n > ran["none"][key]}
+    # only rank-4 LoRA products run again (the CPU's expert LoRA writes its A products with out=, which the cache cannot hold)
+    assert redone and all(min(reduction, width) < 16 for _, reduction, width in redone)
     assert ran["full"][("_grouped_mm", 128)] > ran["selective"][("_grouped_mm", 128)] == ran["none"][("_grouped_mm", 128)]  # the NF4 gate/up products

@@ -64,9 +64,9 @@ def _expert_rows(expert_size: list[int]):
 
 
 class _AddExpertLora(torch.autograd.Function):
-    """y += x_e A_e^T B_e^T * scaling on each expert's rows, in place, one BLAS call per expert (the CPU
-    path: there grouped_mm is itself a loop of mm). Each product runs in the operand layout the CPU BLAS
-    is fast at with a rank-r side: B as [E, r, out] rows, the [tokens, r] factor added into y by addmm_
+    """y + x_e A_e^T B_e^T * scaling on each expert's rows, one BLAS call per expert (the CPU path: there
+    grouped_mm is itself a loop of mm). Each product runs in the operand layout the CPU BLAS is fast at
+    with a rank-r side: B as [E, r, out] rows, the [tokens, r] factor's product and y summed by one addmm
     (no [tokens, out] temporary and no separate add), and the factor gradients formed as [r, *] =
     low^T grad, several times faster than the [*, r] = grad^T low that grouped_mm's backward forms."""
 
@@ -77,12 +77,15 @@ class _AddExpertLora(torch.autograd.Function):
         for e, rows in _expert_rows(expert_size):
             torch.mm(x[rows], a[e].t(), out=low[rows])
         low.mul_(scaling)
+        # into a new tensor, y read by the same BLAS call (beta 1): selective checkpointing may hold y, so it is never changed
+        out = torch.empty_like(y)
         for e, rows in _expert_rows(expert_size):
-            y[rows].addmm_(low[rows], b_rows[e])
-        ctx.mark_dirty(y)
+            torch.addmm(y[rows], low[rows], b_rows[e], out=out[rows])
+        routed = sum(expert_size)
+        out[routed:] = y[routed:]
         ctx.save_for_backward(x, a, b_rows, low)
         ctx.scaling, ctx.expert_size = scaling, expert_size
-        return y
+        return out
 
     @staticmethod
     def backward(ctx, grad):
@@ -109,7 +112,7 @@ class _AddExpertLora(torch.autograd.Function):
 
 def add_expert_lora(y: torch.Tensor, inputs: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float, expert_size: list[int], offsets: torch.Tensor | None = None) -> torch.Tensor:
     """y + expert_lora(inputs, a, b, scaling, expert_size), with y [tokens, out] the base projection's
-    fresh output (nothing else may hold it: on the CPU it is updated in place). On the CPU, one BLAS
+    output. On the CPU, one BLAS
     call per expert in the layouts it runs fastest; elsewhere the grouped matmuls of `expert_lora`."""
     a, b = a.to(inputs.dtype), b.to(inputs.dtype)
     if inputs.device.type == "cpu" and y.dtype == inputs.dtype and not (y.is_leaf and y.requires_grad):
