@@ -173,3 +173,12 @@ def test_live_tensor_bytes_count_what_a_step_holds_and_frees():
         assert live.current == 0.5 * 2**20
         del c
     assert live.current == 0 and live.peak == 1.5 * 2**20
+
+
+@pytest.mark.parametrize("recipe", ["sft/lora", "sft/qlora", "dpo/lora", "dpo/qlora"])
+def test_jetmoe_8b_recipe_headers_state_todays_estimate(recipe):
+    path = f"recipes/jetmoe-8b/{recipe}.yaml"
+    method = recipe.split("/")[1]
+    e = run_estimate(resolve(path, {}), MemoryArgs(seq_len=2048, batch_size=1))["estimates"][method]
+    header = re.search(r"= ([\d.]+) GiB; ([\d.]+) with margin", open(path).read())
+    assert (float(header[1]), float(header[2])) == (round(e["total"], 2), round(e["with_margin"], 2))
