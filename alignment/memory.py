@@ -234,14 +234,14 @@ def layer_bytes(config, tokens: int, masked: bool = False, quantized: bool = Fal
 
 
 
-def kept_bytes(config, tokens: int, kinds: list[str], quantized: bool = False) -> int:
+def kept_bytes(config, tokens: int, kinds: list[str]) -> int:
     """What selective checkpointing (alignment.models.checkpointing) keeps of one decoder layer besides its
     input, bf16: the outputs of the kept op kinds, per token
       matmul          dense projections: JetMoE's kv_proj and two routers; q, k, v, o and the router elsewhere
       grouped_matmul  expert banks, for each top-k copy: JetMoE's attention experts in and out, and every
                       family's gate/up (2 x width) and down
       attention       the attention kernel's output (its fp32 log-sum-exp counted as two bf16 per head)
-    JetMoE's NF4 banks multiply through bitsandbytes, one mm per expert: there they count as matmul. LoRA adds
+    NF4 banks (JetMoE's and fused) multiply by grouped matmuls too: they count as grouped_matmul. LoRA adds
     nothing that counts: its B products (reduction = rank) are recomputed, its A products are rank-wide."""
     h, k, experts = config.hidden_size, config.num_experts_per_tok, num_experts(config)
     if config.model_type == "jetmoe":
@@ -252,8 +252,6 @@ def kept_bytes(config, tokens: int, kinds: list[str], quantized: bool = False) -
         heads, kv_heads, head_dim = attention_shape(config)
         q, kv = heads * head_dim, kv_heads * head_dim
         dense, banks, attention = q + 2 * kv + h + experts, k * (2 * expert_width(config) + h), q + 2 * heads
-    if quantized and config.model_type == "jetmoe":
-        dense, banks = dense + banks, 0
     per_kind = {"matmul": dense, "grouped_matmul": banks, "attention": attention}
     return 2 * tokens * sum(per_kind[kind] for kind in kinds)
 
@@ -297,7 +295,7 @@ def estimate(config, counts: dict, method: str, stage: str, seq_len: int, batch:
     masked = stage == "dpo"  # chosen and rejected padded to one length: a padding mask
     layer = layer_bytes(config, tokens, masked, quantized=method == "qlora")
     logits = lm_head_bytes(config, tokens, gradients=True)
-    kept = kept_bytes(config, tokens, kept_kinds, quantized=method == "qlora") if checkpointing and kept_kinds else 0
+    kept = kept_bytes(config, tokens, kept_kinds) if checkpointing and kept_kinds else 0
     if checkpointing:  # the layer being recomputed holds its own kept outputs among its tensors
         activations = config.num_hidden_layers * tokens * config.hidden_size * 2 + (config.num_hidden_layers - 1) * kept + layer + logits
     else:

@@ -503,6 +503,8 @@ def markdown_table(results: list[tuple[dict, dict]], header: str) -> str:
         memory = f"{r['peak_memory_gib']['stock']:.2f} / {r['peak_memory_gib']['project']:.2f}" if "peak_memory_gib" in r else "n/a"
         # bf16 runs are judged at the first step (README: AdamW's first update in bf16 parts the later steps)
         judged = f"{equal} at step 1 ({r['first_loss_diff']:.1e}); all steps {r['max_loss_diff']:.1e}" if setting["dtype"] == "bfloat16" and "first_loss_diff" in r else f"{equal} ({r['max_loss_diff']:.1e})"
+        if r["mode"].startswith("dpo") and setting["dtype"] == "bfloat16":  # DPO's first loss is log 2 on both sides whatever the model
+            judged = f"not judged: step 1 is log 2 on both sides by construction; later steps differ by up to {r['max_loss_diff']:.1e}"
         lines.append(f"| {mode} | {r['stock']:.4g} {r['unit']} | {r['project']:.4g} | {ratio} | {judged} | {tflops} | {mfu} | {memory} |")
     return "\n".join(lines) + "\n"
 

@@ -184,6 +184,7 @@ def test_policy_values_and_the_context_function():
     (["--gradient_checkpointing", "false"], "needs activation checkpointing, which is off"),
     (["--gradient_checkpointing", "true", "--gradient_checkpointing_kwargs", "{use_reentrant: true}"], "non-reentrant checkpoint only"),
     (["--activation_checkpointing_policy", "[selective, attention]"], "write full or selective alone"),
+    (["--gradient_checkpointing", "true", "--gradient_checkpointing_kwargs", "{use_reentrant: false, selective: true}"], "both choose what checkpointing keeps"),
 ])
 def test_what_cannot_be_honoured_is_refused(extra, message, micro_model, tmp_path, capsys):
     args = ["sft", "--config", "recipes/tiny/sft.yaml", "--model_name_or_path", micro_model, "--dataset_path", str(tmp_path / "none"), "--output_dir", str(tmp_path / "out"), "--activation_checkpointing_policy", "selective", *extra]
@@ -193,7 +194,7 @@ def test_what_cannot_be_honoured_is_refused(extra, message, micro_model, tmp_pat
     assert "fix:" in err
 
 
-@pytest.mark.parametrize("family", ["jetmoe", "mixtral-8x7b"])
+@pytest.mark.parametrize("family", ["jetmoe", "jetmoe-nf4", "mixtral-8x7b"])
 def test_estimate_memory_models_what_selective_checkpointing_keeps(family, micro_model, tiny_families):
     """alignment.memory.kept_bytes against the outputs torch's selective checkpointing holds between forward
     and backward (its cache), per layer per token, on a tiny model in fp32 (the formula counts bf16)."""
@@ -201,7 +202,11 @@ def test_estimate_memory_models_what_selective_checkpointing_keeps(family, micro
 
     from alignment.memory import kept_bytes
 
-    model = load_causal_lm(micro_model if family == "jetmoe" else str(tiny_families / family), "float32")
+    model = load_causal_lm(micro_model if family.startswith("jetmoe") else str(tiny_families / family), "float32")
+    if family == "jetmoe-nf4":  # NF4 banks multiply by grouped matmuls too: kept as grouped_matmul
+        from alignment.models.quant import quantize_experts
+
+        quantize_experts(model, torch.float32)
     caches = []
 
     def context_fn():

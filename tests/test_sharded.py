@@ -52,6 +52,7 @@ def one_and_two(launch, stage, recipe, micro_model, data, tmp_path, extra=()):
         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert launched.returncode == 0, launched.stderr[-3000:]
+    (tmp_path / "launch.stderr").write_text(launched.stderr)
     ran = read_manifest(two)
     assert ran["world_size"] == 2 and ran["distributed_type"] == ("FSDP" if launch == FSDP else "DEEPSPEED") and ran.get("zero_stage", 3) == 3
     assert len(losses(one)) == 3 and losses(two) == pytest.approx(losses(one), rel=1e-4), stage
@@ -81,5 +82,6 @@ def test_selective_checkpointing_sharded_matches_one_process(micro_model, data, 
     region and are recomputed, the attention outputs are kept): the losses and weights of one process."""
     extra = ["--gradient_checkpointing", "true", "--activation_checkpointing_policy", "selective"]
     one, two = one_and_two(FSDP, "sft", "recipes/tiny/sft.yaml", micro_model, data, tmp_path, extra)
+    assert "activation checkpointing keeps the outputs of the matmul, grouped_matmul, attention ops" in (tmp_path / "launch.stderr").read_text()  # the policy reached the sharded run
     a, b = load_causal_lm(str(one)).state_dict(), load_causal_lm(str(two)).state_dict()
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)

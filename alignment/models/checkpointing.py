@@ -106,6 +106,8 @@ def use_checkpointing_policy(training_args, args: CheckpointingArgs | None, peft
     if not training_args.gradient_checkpointing:
         raise SmoeError(f"activation_checkpointing_policy {args.activation_checkpointing_policy!r} needs activation checkpointing, which is off", KEY, "set gradient_checkpointing: true, or drop the key")
     kwargs = dict(training_args.gradient_checkpointing_kwargs or {})
+    if "selective" in kwargs:  # TRL's SFT-only switch (attention outputs kept), which would replace this policy
+        raise SmoeError("gradient_checkpointing_kwargs.selective and activation_checkpointing_policy both choose what checkpointing keeps", "recipe key gradient_checkpointing_kwargs", "drop selective from gradient_checkpointing_kwargs; activation_checkpointing_policy: [attention] keeps what it keeps")
     if kwargs.get("use_reentrant", False):
         raise SmoeError("selective activation checkpointing runs on torch's non-reentrant checkpoint only", "recipe key gradient_checkpointing_kwargs", "set gradient_checkpointing_kwargs: {use_reentrant: false}, or activation_checkpointing_policy: full")
     plugin = getattr(training_args, "deepspeed_plugin", None)

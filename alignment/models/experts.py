@@ -21,8 +21,11 @@ _HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
 
 
 def _groupable(inputs: torch.Tensor, weight: torch.Tensor) -> bool:
-    # grouped_mm needs 16-byte aligned inner strides and a matching dtype
+    # grouped_mm needs 16-byte aligned inner strides and a matching dtype; on CUDA bf16 on sm80 or newer
+    # (fp16, fp32 and older cards take the loop)
     align = 16 // inputs.element_size()
+    if inputs.is_cuda and (inputs.dtype != torch.bfloat16 or torch.cuda.get_device_capability(inputs.device) < (8, 0)):
+        return False
     return _HAS_GROUPED_MM and inputs.dtype == weight.dtype and inputs.shape[-1] % align == 0 and weight.shape[1] % align == 0
 
 

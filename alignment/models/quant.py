@@ -100,7 +100,7 @@ class QuantizedExperts(JetMoeParallelExperts):
         first = getattr(self, f"packed_{experts[0]}")
         out = torch.empty(len(experts), self.output_size, self.input_size, dtype=self.compute_dtype, device=first.device)
         for i, e in enumerate(experts):
-            if out.device.type == "cpu":  # bitsandbytes' CPU backend has no out= variant
+            if out.device.type == "cpu" or self.states[e].dtype != out.dtype:  # the CPU backend has no out= variant; out= needs the state's dtype
                 out[i] = dequantize_4bit(getattr(self, f"packed_{e}"), self.states[e])
             else:
                 dequantize_4bit(getattr(self, f"packed_{e}"), self.states[e], out=out[i])
