@@ -14,8 +14,8 @@ handed to transformers' `activation_checkpointing_kwargs`, so every decoder laye
 (JetMoE and the fused-expert families) checkpoints through it, and TRL's own re-enabling (the DPO
 reference pass) keeps it. The policy sees aten ops as they dispatch, those inside an autograd Function's
 forward included (the cache sits below autograd): the expert gathers of alignment.models.experts are
-recomputed, and of the NF4 expert matmuls (alignment.models.quant; bitsandbytes' mm per expert for JetMoE,
-a grouped matmul for fused experts) the product is kept while the dequantisation is redone, since its
+recomputed, and of the NF4 expert matmuls (alignment.models.quant; grouped matmuls for JetMoE's banks
+and fused experts alike) the product is kept while the dequantisation is redone, since its
 output is the bf16 expert bank, too large to keep. A Function's backward runs as it always does (NF4:
 dequantise again, multiply).
 """
