@@ -47,16 +47,7 @@ def build(policy: str, args, data):
     model, tokenizer, _ = load_student(bench.lora_args(f"{args.stage}-full", args.dtype, str(args.model_dir)), DataArgs())
     stage = sft if args.stage == "sft" else dpo
     trainer = stage.build_trainer(model, tokenizer, None, targs, data, MoEArgs(), checkpointing=policy_args(policy))
-    trainer.add_callback(bench.StepTimer())
-    trainer.losses = []
-    step = trainer.training_step
-
-    def recorded(*a, **k):
-        loss = step(*a, **k)
-        trainer.losses.append(loss.item())
-        return loss
-
-    trainer.training_step = recorded
+    bench.timed_and_recorded(trainer)
     compute_loss = trainer.compute_loss
 
     def marked(*a, **k):  # where the forward ends, for the memory held into backward

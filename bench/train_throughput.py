@@ -200,7 +200,7 @@ def training_args(stage: str, side: str, args, steps: int):
         bf16=args.dtype == "bfloat16", gradient_checkpointing=False, dataloader_drop_last=True, disable_tqdm=True, max_length=args.seq + 1 if stage == "sft" else 2 * args.seq,
         router_aux_loss_coef=0.0,  # the same loss on both sides: stock TRL balances per batch, the project per sequence
     )
-    if side == "project" and args.compile:
+    if side == "project" and getattr(args, "compile", False):
         common["torch_compile"] = True
     if stage == "sft":
         project = dict(padding_free=True, packing=True, packing_strategy="bfd") if side == "project" and args.packed else {}
@@ -237,6 +237,11 @@ def build_trainer(mode: str, side: str, args, data: Dataset):
         use_fast_experts(True)
         model, tokenizer, peft_config = load_student(lora_args(mode, args.dtype, str(args.model_dir)), DataArgs())
         trainer = (sft if stage == "sft" else dpo).build_trainer(model, tokenizer, peft_config, targs, data, MoEArgs())
+    return timed_and_recorded(trainer)
+
+
+def timed_and_recorded(trainer):
+    """The trainer with its step times (StepTimer) and each training step's loss in `trainer.losses`."""
     trainer.add_callback(StepTimer())
     trainer.losses = []
     original = trainer.training_step

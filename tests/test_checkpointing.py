@@ -119,13 +119,19 @@ def test_selective_with_nf4_experts_matches_whole_layer_checkpointing(tiny_famil
     assert_same(selective, full)
 
 
-class CountOps(TorchDispatchMode):
+class CountMatmuls(TorchDispatchMode):
+    """Per op name, the calls; for matmuls also (name, reduction) so that LoRA's rank-wide products stand apart."""
+
     def __init__(self):
         super().__init__()
         self.ran = Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ran[func.overloadpacket.__name__] += 1
+        name = func.overloadpacket.__name__
+        self.ran[name] += 1
+        if name in ("mm", "_grouped_mm"):
+            self.ran[(name, args[0].shape[-1])] += 1  # by reduction
+            self.ran[(name, args[0].shape[-1], args[1].shape[-1])] += 1  # by reduction and output width
         return func(*args, **(kwargs or {}))
 
 
@@ -139,7 +145,7 @@ def backward_ops(model, policy: str) -> Counter:
     model.train()
     ids = torch.randint(3, 200, (2, 24), generator=torch.Generator().manual_seed(0))
     loss = model(input_ids=ids, labels=ids).loss
-    with CountOps() as counted:
+    with CountMatmuls() as counted:
         loss.backward()
     return counted.ran
 
@@ -224,22 +230,6 @@ def test_estimate_memory_models_what_selective_checkpointing_keeps(family, micro
     assert held / layers == pytest.approx(2 * kept_bytes(model.config, tokens, SELECTIVE), rel=0.05)
 
 
-class CountMatmuls(TorchDispatchMode):
-    """Per op name, the calls; for matmuls also (name, reduction) so that LoRA's rank-wide products stand apart."""
-
-    def __init__(self):
-        super().__init__()
-        self.ran = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        self.ran[name] += 1
-        if name in ("mm", "_grouped_mm"):
-            self.ran[(name, args[0].shape[-1])] += 1  # by reduction
-            self.ran[(name, args[0].shape[-1], args[1].shape[-1])] += 1  # by reduction and output width
-        return func(*args, **(kwargs or {}))
-
-
 def test_nf4_experts_under_selective_redo_the_dequantisation_not_the_product(tiny_families):
     """The NF4 expert matmul is an autograd Function: its forward's ops reach the policy, so its grouped
     product is taken from the cache in the recompute while the dequantisation (the bf16 bank, not kept) runs again."""
@@ -254,15 +244,7 @@ def test_nf4_experts_under_selective_redo_the_dequantisation_not_the_product(tin
         model, _, peft_config = load_student(model_args, DataArgs())
         model = get_peft_model(model, peft_config)
         model.enable_input_require_grads()  # as the trainer does for checkpointing with adapters: the same backward for all three
-        if policy != "none":
-            kwargs = {"use_reentrant": False, **({"context_fn": SelectiveCheckpointing(SELECTIVE)} if policy == "selective" else {})}
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-        model.train()
-        ids = torch.randint(3, 200, (2, 24), generator=torch.Generator().manual_seed(0))
-        loss = model(input_ids=ids, labels=ids).loss
-        with CountMatmuls() as counted:
-            loss.backward()
-        ran[policy] = counted.ran
+        ran[policy] = backward_ops(model, policy)
     assert ran["selective"]["dequantize_4bit"] == ran["full"]["dequantize_4bit"] > ran["none"]["dequantize_4bit"]
     redone = {key: n - ran["none"][key] for key, n in ran["selective"].items() if isinstance(key, tuple) and len(key) == 3 and n > ran["none"][key]}
     # only rank-4 LoRA products run again (the CPU's expert LoRA writes its A products with out=, which the cache cannot hold)
