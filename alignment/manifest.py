@@ -42,9 +42,7 @@ def write_manifest(output_dir: str | Path, stage: str, started: float, **info):
     out.mkdir(parents=True, exist_ok=True)
     manifest = {"stage": stage, "complete": True, "seconds": round(time.time() - started, 2), **info}
     manifest["versions"] = _versions()
-    tmp = out / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, default=str))
-    tmp.rename(out / MANIFEST)
+    write_json_atomically(out / MANIFEST, manifest)
 
 
 def fingerprint(values: dict, output_dir: str | Path) -> dict:
@@ -120,9 +118,14 @@ def set_aside(output_dir: str | Path) -> Path:
 def write_fingerprint(output_dir: str | Path, current: dict):
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / (FINGERPRINT + ".tmp")
-    tmp.write_text(json.dumps(current, indent=2))
-    tmp.rename(out / FINGERPRINT)
+    write_json_atomically(out / FINGERPRINT, current)
+
+
+def write_json_atomically(path: Path, value):
+    """Write then rename: a crash (kill -9 in the middle) leaves the old file or the new one, never half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2, default=str))
+    tmp.rename(path)
 
 
 def is_main_process() -> bool:

@@ -316,3 +316,25 @@ def test_router_losses_with_reentrant_checkpointing_are_refused(bases, tmp_path,
     assert "router losses with reentrant activation checkpointing" in capsys.readouterr().err
     logs = [h for h in read_manifest(tmp_path / "false")["log_history"] if "loss" in h]
     assert logs[0]["router/aux_loss"] > 0
+
+
+def test_a_write_of_router_health_cut_off_leaves_the_last_whole_file(tmp_path, monkeypatch):
+    """A run killed while router_health.json is written must leave a file the resumed run can read (it reads
+    the earlier windows back): the new text goes to a temporary file that is renamed over the old one."""
+    from pathlib import Path
+
+    from alignment.models.router import write_health
+
+    losses = SimpleNamespace(report=lambda: {"windows": [{"step": 10}]})
+    write_health(losses, str(tmp_path))
+    write_text = Path.write_text
+
+    def killed_halfway(self, text, *a, **k):
+        write_text(self, text[: len(text) // 2], *a, **k)
+        raise KeyboardInterrupt  # stands for the kill
+
+    monkeypatch.setattr(Path, "write_text", killed_halfway)
+    losses.report = lambda: {"windows": [{"step": 10}, {"step": 20}]}
+    with pytest.raises(KeyboardInterrupt):
+        write_health(losses, str(tmp_path))
+    assert json.loads((tmp_path / HEALTH_FILE).read_text()) == {"windows": [{"step": 10}]}

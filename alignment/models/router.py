@@ -39,6 +39,7 @@ from transformers import TrainerCallback
 from transformers.models.jetmoe.modeling_jetmoe import JetMoeTopKGating
 
 from alignment.errors import SmoeError
+from alignment.manifest import write_json_atomically
 
 HEALTH_FILE = "router_health.json"
 
@@ -318,7 +319,7 @@ class RouterLossMixin:
 def write_health(losses: RouterLosses, output_dir: str):
     path = Path(output_dir) / HEALTH_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(losses.report()))
+    write_json_atomically(path, losses.report())  # read back when a killed run resumes
 
 
 class RouterHealthWarning(TrainerCallback):
