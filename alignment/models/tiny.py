@@ -82,46 +82,32 @@ def build_model(args: TinyModelArgs, tokenizer) -> JetMoeForCausalLM | MixtralFo
     torch.manual_seed(args.seed)
     if args.family == "mixtral":
         return MixtralForCausalLM(mixtral_config(args, tokenizer))
-    config = JetMoeConfig(
+    config = JetMoeConfig(**shared_config(args, tokenizer), kv_channels=args.kv_channels, aux_loss_coef=args.aux_loss_coef)
+    return JetMoeForCausalLM(config)
+
+
+def shared_config(args: TinyModelArgs, tokenizer) -> dict:
+    """What the tiny JetMoE and the tiny Mixtral share: width, depth, experts, embeddings, special tokens."""
+    return dict(
         vocab_size=len(tokenizer),
         hidden_size=args.hidden_size,
         num_hidden_layers=args.num_hidden_layers,
+        num_key_value_heads=args.num_key_value_heads,
+        intermediate_size=args.intermediate_size,
         num_local_experts=args.num_local_experts,
         num_experts_per_tok=args.num_experts_per_tok,
-        num_key_value_heads=args.num_key_value_heads,
-        kv_channels=args.kv_channels,
-        intermediate_size=args.intermediate_size,
         max_position_embeddings=args.max_position_embeddings,
-        aux_loss_coef=args.aux_loss_coef,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         initializer_range=0.02,
         tie_word_embeddings=True,
     )
-    return JetMoeForCausalLM(config)
 
 
 def mixtral_config(args: TinyModelArgs, tokenizer) -> MixtralConfig:
     """The same width, depth, experts and embeddings as the tiny JetMoE; attention dense, kv_channels per head."""
-    return MixtralConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=args.hidden_size,
-        num_hidden_layers=args.num_hidden_layers,
-        num_attention_heads=args.hidden_size // args.kv_channels,
-        num_key_value_heads=args.num_key_value_heads,
-        head_dim=args.kv_channels,
-        intermediate_size=args.intermediate_size,
-        num_local_experts=args.num_local_experts,
-        num_experts_per_tok=args.num_experts_per_tok,
-        max_position_embeddings=args.max_position_embeddings,
-        router_aux_loss_coef=args.aux_loss_coef,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        initializer_range=0.02,
-        tie_word_embeddings=True,
-    )
+    return MixtralConfig(**shared_config(args, tokenizer), num_attention_heads=args.hidden_size // args.kv_channels, head_dim=args.kv_channels, router_aux_loss_coef=args.aux_loss_coef)
 
 
 def init_model(args: TinyModelArgs) -> Path:
