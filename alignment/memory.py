@@ -295,12 +295,14 @@ def estimate(config, counts: dict, method: str, stage: str, seq_len: int, batch:
     masked = stage == "dpo"  # chosen and rejected padded to one length: a padding mask
     layer = layer_bytes(config, tokens, masked, quantized=method == "qlora")
     logits = lm_head_bytes(config, tokens, gradients=True)
-    kept = kept_bytes(config, tokens, kept_kinds) if checkpointing and kept_kinds else 0
-    if checkpointing:  # the layer being recomputed holds its own kept outputs among its tensors
-        activations = config.num_hidden_layers * tokens * config.hidden_size * 2 + (config.num_hidden_layers - 1) * kept + layer + logits
+    # every layer's kept outputs but the recomputed one's, which holds them among its own tensors
+    kept = (config.num_hidden_layers - 1) * kept_bytes(config, tokens, kept_kinds) if checkpointing and kept_kinds else 0
+    routers = router_bytes(config, tokens)
+    if checkpointing:
+        activations = config.num_hidden_layers * tokens * config.hidden_size * 2 + kept + layer + logits
     else:
         activations = config.num_hidden_layers * layer + logits
-    activations += router_bytes(config, tokens)
+    activations += routers
     parts = {"weights": weights, "gradients": gradients, "optimizer": optimizer, "activations": activations}
     parts["total"] = sum(parts.values())
     precompute = 0.0
@@ -313,8 +315,8 @@ def estimate(config, counts: dict, method: str, stage: str, seq_len: int, batch:
     result = {k: v / GIB for k, v in parts.items()}
     result["layer"] = layer / GIB
     result["logits"] = logits / GIB
-    result["routers"] = router_bytes(config, tokens) / GIB
-    result["kept"] = kept / GIB
+    result["routers"] = routers / GIB
+    result["kept"] = kept / GIB  # all layers together
     result["trainable_parameters"] = trainable
     result["parameters"] = total_params
     return result
@@ -361,6 +363,6 @@ def format_estimate(result: dict) -> str:
         mark = "  <- this recipe" if method == result["recipe_method"] else ""
         lines.append(f"{method:<8}{e['weights']:9.2f}{e['gradients']:8.2f}{e['optimizer']:8.2f}{e['activations']:8.2f}{e['total']:8.2f}{e['with_margin']:9.2f}   {e['trainable_parameters'] / 1e6:,.1f}M{mark}")
     chosen = result["estimates"][result["recipe_method"]]
-    kept = f", kept by selective checkpointing {chosen['kept'] * (result['config'].num_hidden_layers - 1):.2f}" if chosen["kept"] else ""
+    kept = f", kept by selective checkpointing {chosen['kept']:.2f}" if chosen["kept"] else ""
     lines.append(f"activations of this recipe: one layer {chosen['layer']:.2f}, LM head {chosen['logits']:.2f}, router logits {chosen['routers']:.2f}{kept}" + (f"; reference log-probs before training peak at {chosen['precompute']:.2f}" if chosen["precompute"] else ""))
     return "\n".join(lines)

@@ -108,17 +108,16 @@ class _AddExpertLora(torch.autograd.Function):
                 torch.mm(grad_low[rows].t(), x[rows], out=grad_a[e])
             if need_x:
                 torch.mm(grad_low[rows], a[e], out=grad_x[rows])
-        if need_x and sum(ctx.expert_size) < x.shape[0]:
-            grad_x[sum(ctx.expert_size):] = 0
+        if need_x:
+            grad_x[sum(ctx.expert_size) :] = 0  # rows routed to no expert
         return grad, grad_x, grad_a, grad_b_rows.transpose(1, 2) if need_b else None, None, None
 
 
 def add_expert_lora(y: torch.Tensor, inputs: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float, expert_size: list[int], offsets: torch.Tensor | None = None) -> torch.Tensor:
-    """y + expert_lora(inputs, a, b, scaling, expert_size), with y [tokens, out] the base projection's
-    output. On the CPU, one BLAS
-    call per expert in the layouts it runs fastest; elsewhere the grouped matmuls of `expert_lora`."""
+    """y + expert_lora(inputs, a, b, scaling, expert_size), with y [tokens, out] the base projection's output.
+    On the CPU, one BLAS call per expert in the layouts it runs fastest; elsewhere the grouped matmuls of `expert_lora`."""
     a, b = a.to(inputs.dtype), b.to(inputs.dtype)
-    if inputs.device.type == "cpu" and y.dtype == inputs.dtype and not (y.is_leaf and y.requires_grad):
+    if inputs.device.type == "cpu" and y.dtype == inputs.dtype:
         return _AddExpertLora.apply(y, inputs, a, b, scaling, expert_size)
     return y + expert_lora(inputs, a, b, scaling, expert_size, offsets).to(y.dtype)
 
