@@ -15,6 +15,7 @@ from transformers import TrainerCallback
 
 from alignment.cli import main
 from alignment.models import checkpointing
+from alignment.models import onednn
 from alignment.models.checkpointing import CheckpointingArgs, SelectiveCheckpointing
 from alignment.models.jetmoe import load_causal_lm, load_tokenizer
 from alignment.models.router import MoEArgs
@@ -119,6 +120,11 @@ def test_selective_with_nf4_experts_matches_whole_layer_checkpointing(tiny_famil
     assert_same(selective, full)
 
 
+ONEDNN = ("_linear_pointwise", "expert_linear")
+# the fp32 products of a model on this CPU: dense and expert (grouped) ones
+DENSE, GROUPED = ONEDNN if onednn.AVAILABLE else ("mm", "_grouped_mm")
+
+
 class CountMatmuls(TorchDispatchMode):
     """Per op name, the calls; for matmuls also (name, reduction) so that LoRA's rank-wide products stand apart."""
 
@@ -129,9 +135,10 @@ class CountMatmuls(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
         self.ran[name] += 1
-        if name in ("mm", "_grouped_mm"):
+        if name in ("mm", "_grouped_mm", *ONEDNN):
+            width = args[1].shape[-2] if name in ONEDNN else args[1].shape[-1]  # oneDNN's weights are [out, in]
             self.ran[(name, args[0].shape[-1])] += 1  # by reduction
-            self.ran[(name, args[0].shape[-1], args[1].shape[-1])] += 1  # by reduction and output width
+            self.ran[(name, args[0].shape[-1], width)] += 1  # by reduction and output width
         return func(*args, **(kwargs or {}))
 
 
@@ -154,14 +161,15 @@ def backward_ops(model, policy: str) -> Counter:
 def test_selective_keeps_matmul_outputs_and_recomputes_the_rest(family, micro_model, tiny_families):
     path = micro_model if family == "jetmoe" else str(tiny_families / family)
     ran = {policy: backward_ops(load_causal_lm(path, "float32"), policy) for policy in ("none", "full", "selective", "attention")}
-    matmuls = ("mm", "_grouped_mm", "_scaled_dot_product_flash_attention_for_cpu")
+    grouped = GROUPED if family == "jetmoe" else "_grouped_mm"  # a full fused-experts model runs transformers' own grouped_mm
+    matmuls = (DENSE, grouped, "_scaled_dot_product_flash_attention_for_cpu")
     layers = 2
     assert ran["full"]["_scaled_dot_product_flash_attention_for_cpu"] == layers  # whole layers: attention forward again
     for op in matmuls:  # selective: no forward matmul runs again, only those of the gradients (as without checkpointing)
         assert ran["selective"][op] == ran["none"][op] < ran["full"][op], op
     for op in ("rsqrt", "silu"):  # the element-wise forward ops are rerun, as under whole-layer checkpointing
         assert ran["none"][op] == 0 and ran["selective"][op] == ran["full"][op] > 0, op
-    assert ran["attention"]["_scaled_dot_product_flash_attention_for_cpu"] == 0 and ran["attention"]["mm"] == ran["full"]["mm"]  # a list keeps those kinds only
+    assert ran["attention"]["_scaled_dot_product_flash_attention_for_cpu"] == 0 and ran["attention"][DENSE] == ran["full"][DENSE]  # a list keeps those kinds only
 
 
 def test_matmuls_over_a_short_reduction_are_recomputed():
@@ -249,4 +257,4 @@ def test_nf4_experts_under_selective_redo_the_dequantisation_not_the_product(tin
     redone = {key: n - ran["none"][key] for key, n in ran["selective"].items() if isinstance(key, tuple) and len(key) == 3 and n > ran["none"][key]}
     # only rank-4 LoRA products run again (the CPU's expert LoRA writes its A products with out=, which the cache cannot hold)
     assert redone and all(min(reduction, width) < 16 for _, reduction, width in redone)
-    assert ran["full"][("_grouped_mm", 128)] > ran["selective"][("_grouped_mm", 128)] == ran["none"][("_grouped_mm", 128)]  # the NF4 gate/up products
+    assert ran["full"][(GROUPED, 128)] > ran["selective"][(GROUPED, 128)] == ran["none"][(GROUPED, 128)]  # the NF4 gate/up products

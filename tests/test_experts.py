@@ -8,6 +8,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from alignment.models.experts import add_expert_lora, expert_lora, use_fast_experts
 from alignment.models.jetmoe import load_causal_lm
+from alignment.models.onednn import use_onednn
 
 SCATTERS = ("aten.index_add", "aten.index_put", "aten._index_put_impl_", "aten.scatter_add")
 
@@ -26,6 +27,7 @@ class Ops(TorchDispatchMode):
 
 def forward_backward(model_dir: str, fast: bool):
     use_fast_experts(fast)
+    use_onednn(False)  # torch's own matmuls on both sides (oneDNN's sum in another order: tests/test_onednn.py)
     try:
         model = load_causal_lm(model_dir)
         use_fast_experts(fast)  # loading switches the fast path on
@@ -38,6 +40,7 @@ def forward_backward(model_dir: str, fast: bool):
         return out.logits.detach(), {n: p.grad for n, p in model.named_parameters()}, scatters, model.config.num_hidden_layers
     finally:
         use_fast_experts(True)
+        use_onednn(True)
 
 
 def test_fast_moe_layers_equal_stock_bit_for_bit_without_scatters(micro_model):

@@ -28,11 +28,12 @@ import torch
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from alignment.errors import SmoeError
+from alignment.models import onednn  # noqa: F401 (registers smoe::expert_linear, named in OP_KINDS)
 
-# aten op names by kind; those a torch build lacks (cuDNN attention on a CPU build, say) are skipped
+# op names by kind (aten's unless a namespace is given; alignment.models.onednn's on an x86 CPU); those a torch build lacks (cuDNN attention on a CPU build, say) are skipped
 OP_KINDS = {
-    "matmul": ("mm", "addmm", "bmm", "baddbmm"),
-    "grouped_matmul": ("_grouped_mm",),
+    "matmul": ("mm", "addmm", "bmm", "baddbmm", "mkldnn._linear_pointwise"),
+    "grouped_matmul": ("_grouped_mm", "smoe.expert_linear"),
     "attention": (
         "_scaled_dot_product_flash_attention",
         "_scaled_dot_product_flash_attention_for_cpu",
@@ -68,11 +69,17 @@ class CheckpointingArgs:
 # few FLOPs per element kept (a LoRA B product, reduction = rank, is cheaper to redo than to hold)
 MIN_REDUCTION = 256
 # where each matmul op's left operand sits among its arguments (the reduction is its last dimension)
-LEFT_OPERAND = {"mm": 0, "bmm": 0, "_grouped_mm": 0, "addmm": 1, "baddbmm": 1}
+LEFT_OPERAND = {"mm": 0, "bmm": 0, "_grouped_mm": 0, "_linear_pointwise": 0, "expert_linear": 0, "addmm": 1, "baddbmm": 1}
+
+
+def _op(name: str):
+    namespace, _, name = name.rpartition(".")
+    packet = getattr(getattr(torch.ops, namespace or "aten"), name, None)
+    return getattr(packet, "default", None)
 
 
 def ops_of(kinds: list[str]) -> set:
-    return {getattr(torch.ops.aten, name).default for kind in kinds for name in OP_KINDS[kind] if hasattr(torch.ops.aten, name)}
+    return {op for kind in kinds for name in OP_KINDS[kind] if (op := _op(name)) is not None}
 
 
 def keep_outputs(ops: set, min_reduction: int, ctx, op, *args, **kwargs) -> CheckpointPolicy:

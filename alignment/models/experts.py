@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from transformers.models.jetmoe import modeling_jetmoe
 
+from alignment.models import onednn
+
 _HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
 
 
@@ -37,6 +39,8 @@ def expert_offsets(expert_size: list[int], device) -> torch.Tensor:
 def grouped_linear(inputs: torch.Tensor, weight: torch.Tensor, expert_size: list[int], offsets: torch.Tensor | None = None) -> torch.Tensor:
     """inputs [tokens sorted by expert, in], weight [E, out, in], expert_size [E] -> [tokens, out].
     `offsets` (from `expert_offsets`) saves building them again when several banks share one routing."""
+    if onednn.usable(inputs, weight):  # fp32 on an x86 CPU: oneDNN's products, about 2x MKL's there
+        return onednn.grouped_linear(inputs, weight, expert_size)
     if _groupable(inputs, weight):
         offsets = expert_offsets(expert_size, inputs.device) if offsets is None else offsets
         return torch._grouped_mm(inputs, weight.transpose(1, 2), offs=offsets)

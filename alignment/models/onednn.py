@@ -1,0 +1,134 @@
+"""fp32 matmuls on an x86 CPU through oneDNN instead of MKL.
+
+torch multiplies fp32 matrices on the CPU with MKL's sgemm, which on AMD processors runs its AVX2 kernels
+even where the processor has AVX-512. oneDNN, which every x86 torch build carries (torch.compile's CPU
+backend calls it through `mkldnn::_linear_pointwise`), picks its kernels by instruction set: on the Zen 5
+CPU of our measurements it is about 2x MKL at every shape a model's step has, from one token to
+thousands, rank-16 adapters included (`python bench/onednn_bench.py`). The products are the same; the
+sums run in another order (fp32 rounding, about 1e-7 relative).
+
+Two users: the expert banks of alignment.models.experts (one product per expert, as a single op
+`smoe::expert_linear` that selective checkpointing can keep as a grouped matmul) and every plain
+`nn.Linear` of a model the project loads (`use_onednn_linears`). Anything else takes torch's own path:
+bf16 and fp16, CUDA, autocast, tensors that are not plain (DTensor, DeepSpeed's partitioned parameters),
+torch builds without oneDNN, and `use_onednn(False)`.
+"""
+
+import platform
+
+import torch
+from torch import nn
+
+AVAILABLE = platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+_enabled = True
+
+
+def use_onednn(enabled: bool = True):
+    """Switch the oneDNN path on or off for this process (off: torch's own matmuls, bit for bit)."""
+    global _enabled
+    _enabled = enabled
+
+
+def usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (
+        _enabled
+        and AVAILABLE
+        and x.device.type == "cpu"
+        and x.dtype == weight.dtype == torch.float32
+        and type(x) in (torch.Tensor, nn.Parameter)
+        and type(weight) in (torch.Tensor, nn.Parameter)
+        and not hasattr(weight, "ds_id")  # a DeepSpeed ZeRO-3 parameter: its own linear gathers it
+        and not torch.is_autocast_enabled("cpu")
+    )
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [rows, in] @ weight.T [in, out] (+ bias), no autograd; weight may be any strided view."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+def _expert_rows(expert_size: list[int]):
+    """(expert, slice of its rows) for every expert that has tokens."""
+    start = 0
+    for expert, size in enumerate(expert_size):
+        if size:
+            yield expert, slice(start, start + size)
+        start += size
+
+
+@torch.library.custom_op("smoe::expert_linear", mutates_args=())
+def expert_linear(x: torch.Tensor, weight: torch.Tensor, expert_size: list[int]) -> torch.Tensor:
+    """x [tokens sorted by expert, in], weight [E, out, in] -> [tokens, out]: each expert's rows times its weight."""
+    out = torch.cat([linear(x[rows], weight[e]) for e, rows in _expert_rows(expert_size)])
+    return out if out.shape[0] == x.shape[0] else torch.cat([out, out.new_zeros(x.shape[0] - out.shape[0], out.shape[1])])
+
+
+@expert_linear.register_fake
+def _(x, weight, expert_size):
+    return x.new_empty(x.shape[0], weight.shape[1])
+
+
+class _ExpertLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, expert_size):
+        ctx.save_for_backward(x, weight)
+        ctx.expert_size = expert_size
+        return expert_linear(x, weight, expert_size)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        need_x, need_weight = ctx.needs_input_grad[:2]
+        grad_x = expert_linear(grad, weight.transpose(1, 2), ctx.expert_size) if need_x else None
+        grad_weight = None
+        if need_weight:
+            grad_weight = torch.empty_like(weight)
+            for e, size in enumerate(ctx.expert_size):
+                if not size:
+                    grad_weight[e].zero_()
+            for e, rows in _expert_rows(ctx.expert_size):
+                grad_weight[e].copy_(linear(grad[rows].t(), x[rows].t()))  # [out, tokens] @ [tokens, in]
+        return grad_x, grad_weight, None
+
+
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, expert_size: list[int]) -> torch.Tensor:
+    """x [tokens sorted by expert, in] through weight [E, out, in] per expert, with autograd (check `usable` first)."""
+    return _ExpertLinear.apply(x, weight, expert_size)
+
+
+class _Linear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        rows = x.reshape(-1, x.shape[-1])
+        ctx.save_for_backward(rows, weight)
+        ctx.input_shape, ctx.has_bias = x.shape, bias is not None
+        return linear(rows, weight, bias).view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        rows, weight = ctx.saved_tensors
+        need_x, need_weight, need_bias = ctx.needs_input_grad
+        grad = grad.reshape(-1, grad.shape[-1])
+        grad_x = linear(grad, weight.t()).view(ctx.input_shape) if need_x else None
+        grad_weight = linear(grad.t(), rows.t()) if need_weight else None  # [out, rows] @ [rows, in]
+        grad_bias = grad.sum(0) if need_bias and ctx.has_bias else None
+        return grad_x, grad_weight, grad_bias
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose fp32 CPU products run through oneDNN; everything else is nn.Linear's own."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() and usable(x, self.weight):
+            return _Linear.apply(x, self.weight, self.bias)
+        return super().forward(x)
+
+
+def use_onednn_linears(model: nn.Module) -> nn.Module:
+    """Every plain nn.Linear of the model becomes a `Linear` (same parameters, same state dict, still an
+    nn.Linear to PEFT and transformers); subclasses (4-bit, adapters) are left as they are."""
+    if AVAILABLE:
+        for module in model.modules():
+            if type(module) is nn.Linear:
+                module.__class__ = Linear
+    return model
