@@ -33,6 +33,7 @@ import argparse
 import gc
 import importlib.util
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -393,10 +394,10 @@ def print_profile(trainer, args):
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, record_shapes=os.environ.get("PROFILE_SHAPES") == "1") as prof:
         run_round(trainer, "project", args)
     sort_by = "self_device_time_total" if args.device == "cuda" else "self_cpu_time_total"
-    print(prof.key_averages().table(sort_by=sort_by, row_limit=25, max_name_column_width=60), flush=True)
+    print(prof.key_averages(group_by_input_shape=os.environ.get("PROFILE_SHAPES") == "1").table(sort_by=sort_by, row_limit=int(os.environ.get("PROFILE_ROWS", 25)), max_name_column_width=60), flush=True)
 
 
 def free(trainers: dict):

@@ -15,6 +15,7 @@ stock ones bit for bit (0 + a + b = a + b); with more experts per token the sum 
 
 import torch
 import torch.nn.functional as F
+from transformers.activations import SiLUActivation
 from transformers.models.jetmoe import modeling_jetmoe
 
 from alignment.models import onednn
@@ -168,14 +169,51 @@ def _combine(expert_outputs: torch.Tensor, order: torch.Tensor, inverse: torch.T
     return _Rows.apply(expert_outputs, inverse, order).view(-1, k, expert_outputs.shape[-1]).sum(1)
 
 
+class _SiluGate(torch.autograd.Function):
+    """silu(gate) * up on [tokens, 2 * width] holding the gate half then the up half (JetMoE's MoE and
+    transformers' default gate of fused experts): the same operations and numbers, but the backward writes both
+    halves' gradients into one tensor instead of two that are then concatenated (a [tokens, 2 * width] copy per layer)."""
+
+    @staticmethod
+    def forward(ctx, h):
+        gate, up = h.chunk(2, dim=-1)
+        act = F.silu(gate)
+        ctx.save_for_backward(h, act)
+        return act * up
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, act = ctx.saved_tensors
+        gate, up = h.chunk(2, dim=-1)
+        grad_h = torch.empty_like(h)
+        grad_gate, grad_up = grad_h.chunk(2, dim=-1)
+        torch.mul(grad, act, out=grad_up)
+        torch.mul(grad, up, out=grad_gate)
+        torch.ops.aten.silu_backward.grad_input(grad_gate, gate, grad_input=grad_gate)
+        return grad_h
+
+
+def silu_gate(h: torch.Tensor) -> torch.Tensor:
+    return _SiluGate.apply(h)
+
+
+def is_silu(activation) -> bool:
+    return type(activation) in (SiLUActivation, torch.nn.SiLU)
+
+
 def moe_forward(self, layer_input):
     """JetMoeMoE.forward with gathers instead of scatters (same routing, banks and numbers)."""
     bsz, length, emb_size = layer_input.size()
     layer_input = layer_input.reshape(-1, emb_size)
     order, batch_index, batch_gates, expert_size, _ = self.router(layer_input)
     inverse, k = _inverse(order), self.router.top_k
-    gate, up = self.input_linear(_TokenCopies.apply(layer_input, batch_index, inverse, k), expert_size).chunk(2, dim=-1)
-    expert_outputs = self.output_linear(self.activation(gate) * up, expert_size)
+    hidden = self.input_linear(_TokenCopies.apply(layer_input, batch_index, inverse, k), expert_size)
+    if is_silu(self.activation):
+        hidden = silu_gate(hidden)
+    else:
+        gate, up = hidden.chunk(2, dim=-1)
+        hidden = self.activation(gate) * up
+    expert_outputs = self.output_linear(hidden, expert_size)
     expert_outputs = expert_outputs * batch_gates[:, None]
     return _combine(expert_outputs, order, inverse, k).view(bsz, length, self.input_size) + self.bias
 

@@ -20,14 +20,12 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 from torch.nn.utils import parametrize
-from transformers.activations import SiLUActivation
 from transformers.integrations.moe import _default_apply_gate
 from transformers.models.jetmoe.modeling_jetmoe import JetMoeParallelExperts
 
 from alignment.errors import SmoeError
-from alignment.models.experts import add_expert_lora, grouped_linear
+from alignment.models.experts import add_expert_lora, grouped_linear, is_silu, silu_gate
 from alignment.models.quant import nf4_parametrization
 
 LAYOUT_FLAGS = ("has_gate", "is_transposed", "has_bias", "is_concatenated")
@@ -145,36 +143,12 @@ def _project(module, layout: FusedExperts, name: str, x, sizes, expert_ids, lora
     return y
 
 
-class _SiluGate(torch.autograd.Function):
-    """silu(gate) * up on [tokens, 2 * width] holding the gate half then the up half: transformers' default
-    gate, the same operations and numbers, but the backward writes both halves' gradients into one tensor
-    instead of two that are then concatenated (a [tokens, 2 * width] copy per layer)."""
-
-    @staticmethod
-    def forward(ctx, h):
-        gate, up = h.chunk(2, dim=-1)
-        act = F.silu(gate)
-        ctx.save_for_backward(h, act)
-        return act * up
-
-    @staticmethod
-    def backward(ctx, grad):
-        h, act = ctx.saved_tensors
-        gate, up = h.chunk(2, dim=-1)
-        grad_h = torch.empty_like(h)
-        grad_gate, grad_up = grad_h.chunk(2, dim=-1)
-        torch.mul(grad, act, out=grad_up)
-        torch.mul(grad, up, out=grad_gate)
-        torch.ops.aten.silu_backward.grad_input(grad_gate, gate, grad_input=grad_gate)
-        return grad_h
-
-
 def _gate(module: nn.Module, layout: FusedExperts, h: torch.Tensor) -> torch.Tensor:
     """The experts' activation on the up projection's output, by the module's own gate unless it is transformers' default SiLU gate."""
     if not layout.gated:
         return module.act_fn(h)
-    if type(module)._apply_gate is _default_apply_gate and type(module.act_fn) in (SiLUActivation, nn.SiLU):
-        return _SiluGate.apply(h)
+    if type(module)._apply_gate is _default_apply_gate and is_silu(module.act_fn):
+        return silu_gate(h)
     return module._apply_gate(h)
 
 

@@ -46,13 +46,17 @@ def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
         raise SmoeError("packing with sliding-window attention or attention sinks is not built", "recipe key packing", "set packing: false")
     grouped = query.shape[1] != key.shape[1]  # grouped-query attention: fewer key-value heads
     rows = []
-    for b, row in enumerate(bounds):
+    # split, not slices: the backward of each slice would fill a zero tensor of the whole batch and add them
+    # up (3 x sequences of them per layer); a split's backward puts its pieces' gradients together once.
+    # Pieces stay 4-D [1, heads, length, d], which the CPU's flash kernel needs.
+    for row, q, k, v in zip(bounds, query.split(1), key.split(1), value.split(1)):
+        lengths = [e - s for s, e in row]
         pieces = [
-            F.scaled_dot_product_attention(query[b : b + 1, :, s:e], key[b : b + 1, :, s:e], value[b : b + 1, :, s:e], dropout_p=dropout, scale=scaling, is_causal=True, enable_gqa=grouped)
-            for s, e in row
+            F.scaled_dot_product_attention(q_piece, k_piece, v_piece, dropout_p=dropout, scale=scaling, is_causal=True, enable_gqa=grouped)
+            for q_piece, k_piece, v_piece in zip(q.split(lengths, dim=2), k.split(lengths, dim=2), v.split(lengths, dim=2))
         ]
-        rows.append(torch.cat(pieces, dim=2) if len(pieces) > 1 else pieces[0])
-    return torch.cat(rows, dim=0).transpose(1, 2).contiguous(), None
+        rows.append(torch.cat(pieces, dim=2))
+    return torch.cat(rows).transpose(1, 2).contiguous(), None
 
 
 def packed_mask(*args, attention_mask=None, q_length=None, kv_length=None, **kwargs):
