@@ -8,7 +8,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from alignment.models import onednn
-from alignment.models.experts import grouped_linear
+from alignment.models.experts import add_expert_lora, grouped_linear, linear_with_lora
 from alignment.models.jetmoe import load_causal_lm
 
 pytestmark = pytest.mark.skipif(not onednn.AVAILABLE, reason="oneDNN's CPU matmul is in x86 torch builds only")
@@ -113,3 +113,22 @@ def test_a_loaded_model_trains_through_onednn_with_the_numbers_of_torchs_own(mic
     torch.testing.assert_close(logits, plain_logits, rtol=1e-5, atol=1e-5)
     for name, grad in plain_grads.items():
         torch.testing.assert_close(grads_[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_a_frozen_bank_and_its_adapter_in_one_pass_equal_the_two_in_turn():
+    """linear_with_lora's one-pass path (base product + LoRA B product per expert, forward and backward)
+    gives the numbers of the base bank followed by add_expert_lora, bit for bit, with an expert without tokens."""
+    torch.manual_seed(0)
+    sizes = [6, 0, 9, 4]
+    x, weight = torch.randn(sum(sizes), 32), torch.randn(4, 24, 32)
+    a, b = torch.randn(4, 3, 32), torch.randn(4, 24, 3)
+
+    def in_turn(x, a, b):
+        return add_expert_lora(grouped_linear(x, weight, sizes), x, a, b, 0.5, sizes)
+
+    with Ops() as ops:
+        fused = grads(lambda x, a, b: linear_with_lora(x, weight, [(a, b, 0.5)], sizes), x, a, b)
+    assert ops.ran["smoe.expert_linear"] == 2 and ops.ran["aten.addmm"] == 0  # forward and input gradient, each with the B product inside
+    for mine, theirs in zip(fused, grads(in_turn, x, a, b)):
+        assert torch.equal(mine, theirs)
+    assert torch.count_nonzero(fused[2][1]) == torch.count_nonzero(fused[3][1]) == 0

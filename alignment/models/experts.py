@@ -76,29 +76,33 @@ class _AddExpertLora(torch.autograd.Function):
     grouped_mm is itself a loop of mm). Each product runs in the operand layout the CPU BLAS is fast at
     with a rank-r side: B as [E, r, out] rows, the [tokens, r] factor's product and y summed by one addmm
     (no [tokens, out] temporary and no separate add), and the factor gradients formed as [r, *] =
-    low^T grad, several times faster than the [*, r] = grad^T low that grouped_mm's backward forms."""
+    low^T grad, several times faster than the [*, r] = grad^T low that grouped_mm's backward forms.
+    Given the frozen base `weight` instead of y (fp32 where oneDNN runs), the base product and the B
+    product are one pass per expert (onednn.expert_linear), forward and backward."""
 
     @staticmethod
-    def forward(ctx, y, x, a, b, scaling, expert_size):
+    def forward(ctx, y, x, a, b, scaling, expert_size, weight=None):
         b_rows = b.transpose(1, 2).contiguous()  # [E, r, out]
         low = x.new_empty(x.shape[0], a.shape[1])
         for e, rows in _expert_rows(expert_size):
             torch.mm(x[rows], a[e].t(), out=low[rows])
         low.mul_(scaling)
+        ctx.save_for_backward(x, a, b_rows, low, weight)
+        ctx.scaling, ctx.expert_size = scaling, expert_size
+        if weight is not None:
+            return onednn.expert_linear(x, weight, expert_size, low, b_rows)
         # into a new tensor, y read by the same BLAS call (beta 1): selective checkpointing may hold y, so it is never changed
         out = torch.empty_like(y)
         for e, rows in _expert_rows(expert_size):
             torch.addmm(y[rows], low[rows], b_rows[e], out=out[rows])
         routed = sum(expert_size)
         out[routed:] = y[routed:]
-        ctx.save_for_backward(x, a, b_rows, low)
-        ctx.scaling, ctx.expert_size = scaling, expert_size
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        x, a, b_rows, low = ctx.saved_tensors
-        need_x, need_a, need_b = ctx.needs_input_grad[1:4]
+        x, a, b_rows, low, weight = ctx.saved_tensors
+        need_y, need_x, need_a, need_b = ctx.needs_input_grad[:4]
         grad_low = low.new_empty(low.shape)
         grad_b_rows = torch.zeros_like(b_rows) if need_b else None
         for e, rows in _expert_rows(ctx.expert_size):
@@ -107,15 +111,19 @@ class _AddExpertLora(torch.autograd.Function):
                 torch.mm(low[rows].t(), grad[rows], out=grad_b_rows[e])
         grad_low.mul_(ctx.scaling)
         grad_a = torch.zeros_like(a) if need_a else None
-        grad_x = torch.empty_like(x) if need_x else None
-        for e, rows in _expert_rows(ctx.expert_size):
-            if need_a:
+        if need_a:
+            for e, rows in _expert_rows(ctx.expert_size):
                 torch.mm(grad_low[rows].t(), x[rows], out=grad_a[e])
-            if need_x:
+        grad_x = None
+        if need_x and weight is not None:  # the base's input gradient and the adapter's, in one pass
+            grad_x = onednn.expert_linear(grad, weight.transpose(1, 2), ctx.expert_size, grad_low, a)
+        elif need_x:
+            grad_x = torch.empty_like(x)
+            for e, rows in _expert_rows(ctx.expert_size):
                 torch.mm(grad_low[rows], a[e], out=grad_x[rows])
-        if need_x:
             grad_x[sum(ctx.expert_size) :] = 0  # rows routed to no expert
-        return grad, grad_x, grad_a, grad_b_rows.transpose(1, 2) if need_b else None, None, None
+        grad_b = grad_b_rows.transpose(1, 2) if need_b else None
+        return grad if need_y else None, grad_x, grad_a, grad_b, None, None, None
 
 
 def add_expert_lora(y: torch.Tensor, inputs: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float, expert_size: list[int], offsets: torch.Tensor | None = None) -> torch.Tensor:
@@ -125,6 +133,19 @@ def add_expert_lora(y: torch.Tensor, inputs: torch.Tensor, a: torch.Tensor, b: t
     if inputs.device.type == "cpu" and y.dtype == inputs.dtype:
         return _AddExpertLora.apply(y, inputs, a, b, scaling, expert_size)
     return y + expert_lora(inputs, a, b, scaling, expert_size, offsets).to(y.dtype)
+
+
+def linear_with_lora(inputs: torch.Tensor, weight: torch.Tensor, loras: list, expert_size: list[int]) -> torch.Tensor:
+    """grouped_linear(inputs, weight) plus each (A, B, scaling) of `loras` on the same inputs. A frozen fp32
+    weight on oneDNN's CPU path with one adapter takes both products in one pass per expert: no separate
+    [tokens, out] base output to read back, forward or backward."""
+    if len(loras) == 1 and not weight.requires_grad and onednn.usable(inputs, weight):
+        a, b, scaling = loras[0]
+        return _AddExpertLora.apply(None, inputs, a.to(inputs.dtype), b.to(inputs.dtype), scaling, expert_size, weight)
+    y = grouped_linear(inputs, weight, expert_size)
+    for a, b, scaling in loras:
+        y = add_expert_lora(y, inputs, a, b, scaling, expert_size)
+    return y
 
 
 def experts_forward(self, inputs: torch.Tensor, expert_size: list[int]) -> torch.Tensor:

@@ -20,7 +20,7 @@ from torch import nn
 from transformers.models.jetmoe.modeling_jetmoe import JetMoeParallelExperts
 
 from alignment.errors import SmoeError
-from alignment.models.experts import add_expert_lora
+from alignment.models.experts import add_expert_lora, linear_with_lora
 from alignment.models.quant import fused_quantized
 from alignment.models.moe import expert_modules, fused_experts, fused_experts_forward, fused_layout
 
@@ -81,6 +81,11 @@ class ExpertLoraLayer(nn.Module, LoraLayer):
             weight.data -= self.get_delta_weight(name).to(weight.dtype)
 
     def forward(self, inputs: torch.Tensor, expert_size: list[int]) -> torch.Tensor:
+        base = self.get_base_layer()
+        active = [] if self.disable_adapters or self.merged else [name for name in self.active_adapters if name in self.lora_A]
+        if type(base) is JetMoeParallelExperts and all(isinstance(self.lora_dropout[name], nn.Identity) for name in active):
+            loras = [(self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]) for name in active]
+            return linear_with_lora(inputs, base.weight, loras, expert_size)  # the base and its adapter in one pass where that pays
         result = self.base_layer(inputs, expert_size)
         if self.disable_adapters or self.merged:
             return result

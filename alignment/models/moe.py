@@ -25,7 +25,7 @@ from transformers.integrations.moe import _default_apply_gate
 from transformers.models.jetmoe.modeling_jetmoe import JetMoeParallelExperts
 
 from alignment.errors import SmoeError
-from alignment.models.experts import add_expert_lora, grouped_linear, is_silu, silu_gate
+from alignment.models.experts import add_expert_lora, grouped_linear, is_silu, linear_with_lora, silu_gate
 from alignment.models.quant import nf4_parametrization
 
 LAYOUT_FLAGS = ("has_gate", "is_transposed", "has_bias", "is_concatenated")
@@ -131,6 +131,9 @@ def expert_weights(model: nn.Module) -> list[tuple[str, int, int, int]]:
 def _project(module, layout: FusedExperts, name: str, x, sizes, expert_ids, lora):
     """x [tokens sorted by expert, in] through weight `name` of every expert, plus each LoRA x A^T B^T * s."""
     nf4 = nf4_parametrization(module, name)
+    if nf4 is None and not layout.bias:
+        weight = getattr(module, name)
+        return linear_with_lora(x, weight.transpose(1, 2) if layout.transposed else weight, lora.get(name, []), sizes)
     if nf4 is not None:  # 4-bit experts: those with tokens dequantised for this product only, nothing kept
         y = nf4.matmul(module.parametrizations[name].original, x, sizes)
     else:

@@ -57,14 +57,21 @@ def _expert_rows(expert_size: list[int]):
 
 
 @torch.library.custom_op("smoe::expert_linear", mutates_args=())
-def expert_linear(x: torch.Tensor, weight: torch.Tensor, expert_size: list[int]) -> torch.Tensor:
-    """x [tokens sorted by expert, in], weight [E, out, in] -> [tokens, out]: each expert's rows times its weight."""
-    out = torch.cat([linear(x[rows], weight[e]) for e, rows in _expert_rows(expert_size)])
+def expert_linear(x: torch.Tensor, weight: torch.Tensor, expert_size: list[int], low: torch.Tensor | None = None, up: torch.Tensor | None = None) -> torch.Tensor:
+    """x [tokens sorted by expert, in], weight [E, out, in] -> [tokens, out]: each expert's rows times its weight,
+    plus low[rows] @ up[e] (low [tokens, r], up [E, r, out]: a LoRA's B product) added to each expert's piece
+    while it is fresh (no second [tokens, out] tensor)."""
+    pieces = []
+    for e, rows in _expert_rows(expert_size):
+        pieces.append(linear(x[rows], weight[e]))
+        if low is not None:
+            pieces[-1].addmm_(low[rows], up[e])
+    out = torch.cat(pieces)
     return out if out.shape[0] == x.shape[0] else torch.cat([out, out.new_zeros(x.shape[0] - out.shape[0], out.shape[1])])
 
 
 @expert_linear.register_fake
-def _(x, weight, expert_size):
+def _(x, weight, expert_size, low=None, up=None):
     return x.new_empty(x.shape[0], weight.shape[1])
 
 
