@@ -1,0 +1,80 @@
+"""fp32 matmuls on this CPU: torch's own (MKL's sgemm on x86) against oneDNN (alignment.models.onednn).
+
+usage: python bench/onednn_bench.py [--threads 2] [--rounds 20] [--readme README.md]
+
+For each product a training step of the mid-size JetMoE (bench/train_throughput.py) runs, forward and
+backward (expert banks per expert, attention projections, LoRA factors, a decoding step's single row),
+the best of --rounds timings of each side in alternating order, the ratio, and the largest difference
+between the two results relative to the largest entry (the sums run in another order: fp32 rounding).
+"""
+
+import argparse
+import io
+import time
+from contextlib import redirect_stdout
+from pathlib import Path
+
+import torch
+
+from alignment.models import onednn
+from alignment.report import machine, write_between_markers
+
+# (what, rows, reduction, output width): the products of one mid JetMoE step (hidden 512, expert width 1024,
+# 8 experts, about 512 tokens per expert), LoRA rank 16, and one decoding row
+SHAPES = [
+    ("expert up, forward", 512, 512, 2048),
+    ("expert up, input gradient", 512, 2048, 512),
+    ("expert down, forward", 512, 1024, 512),
+    ("expert weight gradient", 2048, 512, 512),
+    ("attention projection", 2048, 512, 1024),
+    ("LoRA A product", 2048, 512, 16),
+    ("LoRA B product", 2048, 16, 2048),
+    ("decoding, one row", 1, 512, 2048),
+]
+
+
+def best_of(fn, rounds: int) -> float:
+    times = []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return min(times)
+
+
+def measure(rounds: int):
+    print(f"{machine()['device']}, {torch.get_num_threads()} threads, torch {torch.__version__}, fp32; best of {rounds}")
+    print("| product | rows x reduction x width | torch (MKL) ms | oneDNN ms | ratio | largest difference (relative) |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for what, rows, reduction, width in SHAPES:
+        x, weight = torch.randn(rows, reduction), torch.randn(width, reduction)
+        mine, theirs = (lambda: onednn.linear(x, weight)), (lambda: torch.mm(x, weight.t()))
+        mine(), theirs()  # first calls build kernels
+        ours = theirs_time = float("inf")
+        for _ in range(2):  # alternating halves, so that a busy moment falls on both
+            theirs_time = min(theirs_time, best_of(theirs, rounds // 2 or 1))
+            ours = min(ours, best_of(mine, rounds // 2 or 1))
+        difference = ((mine() - theirs()).abs().max() / theirs().abs().max()).item()
+        print(f"| {what} | {rows} x {reduction} x {width} | {theirs_time * 1e3:.3f} | {ours * 1e3:.3f} | **{theirs_time / ours:.2f}x** | {difference:.1e} |")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--readme", type=Path, help="write the table between the README's onednn_bench markers")
+    args = parser.parse_args()
+    if not onednn.AVAILABLE:
+        raise SystemExit("error: this torch build has no oneDNN CPU matmul (x86 builds only)")
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    printed = io.StringIO()
+    with redirect_stdout(printed):
+        measure(args.rounds)
+    print(printed.getvalue(), end="")
+    if args.readme:
+        write_between_markers(args.readme, "onednn_bench", f"`python bench/onednn_bench.py --threads {args.threads} --rounds {args.rounds}`:\n\n" + printed.getvalue())
+
+
+if __name__ == "__main__":
+    main()
