@@ -43,7 +43,7 @@ def best_of(fn, rounds: int) -> float:
 
 
 def measure(rounds: int):
-    print(f"{machine()['device']}, {torch.get_num_threads()} threads, torch {torch.__version__}, fp32; best of {rounds}")
+    print(f"{machine()['device']}, {torch.get_num_threads()} threads, torch {torch.__version__}, fp32; best of {rounds}\n")
     print("| product | rows x reduction x width | torch (MKL) ms | oneDNN ms | ratio | largest difference (relative) |")
     print("| --- | --- | --- | --- | --- | --- |")
     for what, rows, reduction, width in SHAPES:

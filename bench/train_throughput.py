@@ -50,7 +50,7 @@ from alignment.memory import JETMOE_8B
 from alignment.models.experts import use_fast_experts
 from alignment.models.router import MoEArgs
 from alignment.models.tiny import build_tokenizer
-from alignment.report import write_between_markers
+from alignment.report import machine, write_between_markers
 from alignment.train_common import DataArgs, load_student
 
 # model shapes: config keys; `mid` is the 69M-parameter JetMoE of our CPU measurements, `micro` a smoke test,
@@ -546,7 +546,7 @@ def main():
             setattr(args, key, defaults[key])
     if args.threads:
         torch.set_num_threads(args.threads)
-    device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({machine()['device']}), {torch.get_num_threads()} threads"
     if args.peak_tflops is None and args.device == "cuda":
         args.peak_tflops = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in device_name), None)
     modes = [m for m in args.modes.split(",") if m]
