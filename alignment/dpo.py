@@ -13,6 +13,7 @@ import copy
 import time
 from dataclasses import dataclass
 
+import torch
 from datasets import Dataset
 from trl import DPOConfig, DPOTrainer, ModelConfig
 
@@ -20,6 +21,7 @@ from alignment.data import keep_answerable, to_preference
 from alignment.errors import SmoeError
 from alignment.distributed import check_before_loading
 from alignment.models.checkpointing import CheckpointingArgs, use_checkpointing_policy
+from alignment.models.onednn import MatmulArgs, use_cpu_matmul
 from alignment.models.router import MoEArgs, RouterLossMixin, attach_router_losses
 from alignment.train_common import DataArgs, check_training_setup, load_student, train_and_save, trainer_refusals
 
@@ -29,7 +31,7 @@ class DPODataArgs(DataArgs):
     pass
 
 
-RECIPE_CLASSES = (DPODataArgs, DPOConfig, ModelConfig, MoEArgs, CheckpointingArgs)
+RECIPE_CLASSES = (DPODataArgs, DPOConfig, ModelConfig, MoEArgs, CheckpointingArgs, MatmulArgs)
 
 
 class MoEDPOTrainer(RouterLossMixin, DPOTrainer):
@@ -52,9 +54,10 @@ def end_at_eos(ids: list[int], eos: int | None) -> list[int]:
     return ids[: len(ids) - ids[::-1].index(eos)]
 
 
-def run(data_args: DPODataArgs, training_args: DPOConfig, model_args: ModelConfig, moe: MoEArgs, checkpointing: CheckpointingArgs | None = None):
+def run(data_args: DPODataArgs, training_args: DPOConfig, model_args: ModelConfig, moe: MoEArgs, checkpointing: CheckpointingArgs | None = None, matmul: MatmulArgs | None = None):
     started = time.time()
     check_before_loading(training_args, model_args)
+    use_cpu_matmul(matmul, model_args.dtype, on_cpu=training_args.use_cpu or not torch.cuda.is_available())
     use_checkpointing_policy(training_args, checkpointing, peft=model_args.use_peft)  # refused before the model loads
     train, held_out, where = data_args.rows()
     check_training_setup(training_args, held_out)

@@ -64,8 +64,9 @@ def fingerprint(values: dict, output_dir: str | Path) -> dict:
     return {"recipe": json.loads(json.dumps(recipe, default=str)), "inputs": inputs}
 
 
-# keys that change how a run is watched or how much it recomputes, not what it produces: changing them reruns nothing
-NOT_RESULTS = {"report_to", "logging_steps", "logging_strategy", "logging_first_step", "log_level", "disable_tqdm", "push_to_hub", "hub_model_id", "hub_strategy", "activation_checkpointing_policy"}
+# keys that change how a run is watched, how much it recomputes or which kernels multiply (the same products,
+# fp32 rounding apart), not what it produces: changing them reruns nothing
+NOT_RESULTS = {"report_to", "logging_steps", "logging_strategy", "logging_first_step", "log_level", "disable_tqdm", "push_to_hub", "hub_model_id", "hub_strategy", "activation_checkpointing_policy", "cpu_matmul"}
 
 
 def _content_hash(path: Path) -> str:

@@ -10,6 +10,7 @@ without padding; attention then stays inside each conversation (alignment.models
 import time
 from dataclasses import dataclass
 
+import torch
 from datasets import Dataset
 from trl import ModelConfig, SFTConfig, SFTTrainer
 
@@ -17,6 +18,7 @@ from alignment.data import keep_answerable, to_conversation
 from alignment.distributed import check_before_loading
 from alignment.models.packing import use_packed_attention
 from alignment.models.checkpointing import CheckpointingArgs, use_checkpointing_policy
+from alignment.models.onednn import MatmulArgs, use_cpu_matmul
 from alignment.models.router import MoEArgs, RouterLossMixin, attach_router_losses
 from alignment.train_common import DataArgs, check_training_setup, load_student, train_and_save, trainer_refusals
 
@@ -26,7 +28,7 @@ class SFTDataArgs(DataArgs):
     messages_field: str = "messages"  # `chosen` trains on a preference set's chosen conversations
 
 
-RECIPE_CLASSES = (SFTDataArgs, SFTConfig, ModelConfig, MoEArgs, CheckpointingArgs)
+RECIPE_CLASSES = (SFTDataArgs, SFTConfig, ModelConfig, MoEArgs, CheckpointingArgs, MatmulArgs)
 
 
 class MoESFTTrainer(RouterLossMixin, SFTTrainer):
@@ -37,9 +39,10 @@ def conversations(rows: list[dict], field: str, where: str) -> list[dict]:
     return [{"messages": to_conversation(r, field, where, i)} for i, r in enumerate(rows, 1)]
 
 
-def run(data_args: SFTDataArgs, training_args: SFTConfig, model_args: ModelConfig, moe: MoEArgs, checkpointing: CheckpointingArgs | None = None):
+def run(data_args: SFTDataArgs, training_args: SFTConfig, model_args: ModelConfig, moe: MoEArgs, checkpointing: CheckpointingArgs | None = None, matmul: MatmulArgs | None = None):
     started = time.time()
     check_before_loading(training_args, model_args)
+    use_cpu_matmul(matmul, model_args.dtype, on_cpu=training_args.use_cpu or not torch.cuda.is_available())
     use_checkpointing_policy(training_args, checkpointing, peft=model_args.use_peft)  # refused before the model loads
     train, held_out, where = data_args.rows()
     check_training_setup(training_args, held_out)

@@ -10,7 +10,6 @@ between the two results relative to the largest entry (the sums run in another o
 
 import argparse
 import io
-import time
 from contextlib import redirect_stdout
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import torch
 
 from alignment.models import onednn
 from alignment.report import machine, write_between_markers
+from moe_bench import best  # bench/ is the script's own directory
 
 # (what, rows, reduction, output width): the products of one mid JetMoE step (hidden 512, expert width 1024,
 # 8 experts, about 512 tokens per expert), LoRA rank 16, and one decoding row
@@ -33,15 +33,6 @@ SHAPES = [
 ]
 
 
-def best_of(fn, rounds: int) -> float:
-    times = []
-    for _ in range(rounds):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return min(times)
-
-
 def measure(rounds: int):
     print(f"{machine()['device']}, {torch.get_num_threads()} threads, torch {torch.__version__}, fp32; best of {rounds}\n")
     print("| product | rows x reduction x width | torch (MKL) ms | oneDNN ms | ratio | largest difference (relative) |")
@@ -52,8 +43,8 @@ def measure(rounds: int):
         mine(), theirs()  # first calls build kernels
         ours = theirs_time = float("inf")
         for _ in range(2):  # alternating halves, so that a busy moment falls on both
-            theirs_time = min(theirs_time, best_of(theirs, rounds // 2 or 1))
-            ours = min(ours, best_of(mine, rounds // 2 or 1))
+            theirs_time = min(theirs_time, best(theirs, rounds // 2 or 1))
+            ours = min(ours, best(mine, rounds // 2 or 1))
         difference = ((mine() - theirs()).abs().max() / theirs().abs().max()).item()
         print(f"| {what} | {rows} x {reduction} x {width} | {theirs_time * 1e3:.3f} | {ours * 1e3:.3f} | **{theirs_time / ours:.2f}x** | {difference:.1e} |")
 

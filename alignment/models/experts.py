@@ -9,8 +9,9 @@ Stock `JetMoeMoE` and `JetMoeMoA` also move tokens between token order and exper
 `zeros.index_add` (an atomic scatter on a GPU, a serial one on the CPU) and gather them with indexing
 whose backward is another scatter (`index_put_` with accumulation). Every such move is a permutation of
 the token x top-k copies, so here each one, forward and backward, is a gather by the permutation or its
-inverse, and the top-k copies of a token are added with a sum over k. With top-2 the numbers are the
-stock ones bit for bit (0 + a + b = a + b); with more experts per token the sum order may differ.
+inverse, and the top-k copies of a token are added with a sum over k. With top-2 and torch's own matmuls
+(`cpu_matmul: torch` on the CPU) the numbers are the stock ones bit for bit (0 + a + b = a + b); with more
+experts per token the sum order may differ, and oneDNN's fp32 products (alignment.models.onednn) differ in rounding.
 """
 
 import torch
@@ -19,6 +20,7 @@ from transformers.activations import SiLUActivation
 from transformers.models.jetmoe import modeling_jetmoe
 
 from alignment.models import onednn
+from alignment.models.onednn import expert_rows
 
 _HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
 
@@ -62,15 +64,6 @@ def expert_lora(inputs: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling:
     return grouped_linear(low_rank, b.to(inputs.dtype), expert_size, offsets)
 
 
-def _expert_rows(expert_size: list[int]):
-    """(expert, slice of its rows) for every expert that has tokens."""
-    start = 0
-    for expert, size in enumerate(expert_size):
-        if size:
-            yield expert, slice(start, start + size)
-        start += size
-
-
 class _AddExpertLora(torch.autograd.Function):
     """y + x_e A_e^T B_e^T * scaling on each expert's rows, one BLAS call per expert (the CPU path: there
     grouped_mm is itself a loop of mm). Each product runs in the operand layout the CPU BLAS is fast at
@@ -84,7 +77,7 @@ class _AddExpertLora(torch.autograd.Function):
     def forward(ctx, y, x, a, b, scaling, expert_size, weight=None):
         b_rows = b.transpose(1, 2).contiguous()  # [E, r, out]
         low = x.new_empty(x.shape[0], a.shape[1])
-        for e, rows in _expert_rows(expert_size):
+        for e, rows in expert_rows(expert_size):
             torch.mm(x[rows], a[e].t(), out=low[rows])
         low.mul_(scaling)
         ctx.save_for_backward(x, a, b_rows, low, weight)
@@ -93,33 +86,34 @@ class _AddExpertLora(torch.autograd.Function):
             return onednn.expert_linear(x, weight, expert_size, low, b_rows)
         # into a new tensor, y read by the same BLAS call (beta 1): selective checkpointing may hold y, so it is never changed
         out = torch.empty_like(y)
-        for e, rows in _expert_rows(expert_size):
+        for e, rows in expert_rows(expert_size):
             torch.addmm(y[rows], low[rows], b_rows[e], out=out[rows])
         routed = sum(expert_size)
         out[routed:] = y[routed:]
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         x, a, b_rows, low, weight = ctx.saved_tensors
         need_y, need_x, need_a, need_b = ctx.needs_input_grad[:4]
         grad_low = low.new_empty(low.shape)
         grad_b_rows = torch.zeros_like(b_rows) if need_b else None
-        for e, rows in _expert_rows(ctx.expert_size):
+        for e, rows in expert_rows(ctx.expert_size):
             torch.mm(grad[rows], b_rows[e].t(), out=grad_low[rows])
             if need_b:
                 torch.mm(low[rows].t(), grad[rows], out=grad_b_rows[e])
         grad_low.mul_(ctx.scaling)
         grad_a = torch.zeros_like(a) if need_a else None
         if need_a:
-            for e, rows in _expert_rows(ctx.expert_size):
+            for e, rows in expert_rows(ctx.expert_size):
                 torch.mm(grad_low[rows].t(), x[rows], out=grad_a[e])
         grad_x = None
         if need_x and weight is not None:  # the base's input gradient and the adapter's, in one pass
             grad_x = onednn.expert_linear(grad, weight.transpose(1, 2), ctx.expert_size, grad_low, a)
         elif need_x:
             grad_x = torch.empty_like(x)
-            for e, rows in _expert_rows(ctx.expert_size):
+            for e, rows in expert_rows(ctx.expert_size):
                 torch.mm(grad_low[rows], a[e], out=grad_x[rows])
             grad_x[sum(ctx.expert_size) :] = 0  # rows routed to no expert
         grad_b = grad_b_rows.transpose(1, 2) if need_b else None

@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from alignment.data import is_hub_id
 from alignment.errors import SmoeError
 from alignment.models.experts import use_fast_experts
+from alignment.models.lora import is_router
 from alignment.models.onednn import use_onednn_linears
 from alignment.models.quant import dequantize_experts, is_quantized, is_quantized_checkpoint, load_quantized
 
@@ -111,7 +112,7 @@ def load_causal_lm(path: str, dtype: str | None = None, _depth: int = 0, **kwarg
     if model.config.model_type == "jetmoe":
         model.supports_gradient_checkpointing = True
         use_fast_experts()
-    return use_onednn_linears(model)
+    return use_onednn_linears(model, leave=is_router)
 
 
 def _merged_then_quantized(path: str, dtype: str | None, depth: int, quantization_config, **kwargs):

@@ -20,6 +20,7 @@ from torch import nn
 from transformers.models.jetmoe.modeling_jetmoe import JetMoeParallelExperts
 
 from alignment.errors import SmoeError
+from alignment.models import onednn
 from alignment.models.experts import add_expert_lora, linear_with_lora
 from alignment.models.quant import fused_quantized
 from alignment.models.moe import expert_modules, fused_experts, fused_experts_forward, fused_layout
@@ -81,11 +82,13 @@ class ExpertLoraLayer(nn.Module, LoraLayer):
             weight.data -= self.get_delta_weight(name).to(weight.dtype)
 
     def forward(self, inputs: torch.Tensor, expert_size: list[int]) -> torch.Tensor:
+        if self.disable_adapters and self.merged:  # PEFT's rule: the base alone means the adapters taken out again
+            self.unmerge()
         base = self.get_base_layer()
         active = [] if self.disable_adapters or self.merged else [name for name in self.active_adapters if name in self.lora_A]
-        if type(base) is JetMoeParallelExperts and all(isinstance(self.lora_dropout[name], nn.Identity) for name in active):
-            loras = [(self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]) for name in active]
-            return linear_with_lora(inputs, base.weight, loras, expert_size)  # the base and its adapter in one pass where that pays
+        if len(active) == 1 and self._one_pass(base, inputs, active[0]):  # the base and its adapter in one pass
+            name = active[0]
+            return linear_with_lora(inputs, base.weight, [(self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name])], expert_size)
         result = self.base_layer(inputs, expert_size)
         if self.disable_adapters or self.merged:
             return result
@@ -95,6 +98,17 @@ class ExpertLoraLayer(nn.Module, LoraLayer):
             x = self.lora_dropout[name](inputs)
             result = add_expert_lora(result, x, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name], expert_size)
         return result
+
+    def _one_pass(self, base, inputs: torch.Tensor, name: str) -> bool:
+        """Whether linear_with_lora can take the bank and adapter `name` together: a plain frozen bank on
+        oneDNN's path with no hooks of its own (offloading, for one) that calling it would run, and no dropout."""
+        return (
+            type(base) is JetMoeParallelExperts
+            and not (base._forward_hooks or base._forward_pre_hooks or hasattr(base, "_hf_hook"))
+            and isinstance(self.lora_dropout[name], nn.Identity)
+            and not base.weight.requires_grad
+            and onednn.usable(inputs, base.weight)
+        )
 
     def __repr__(self) -> str:
         return "expert_lora." + super().__repr__()

@@ -3,21 +3,26 @@
 torch multiplies fp32 matrices on the CPU with MKL's sgemm, which on AMD processors runs its AVX2 kernels
 even where the processor has AVX-512. oneDNN, which every x86 torch build carries (torch.compile's CPU
 backend calls it through `mkldnn::_linear_pointwise`), picks its kernels by instruction set: on the Zen 5
-CPU of our measurements it is about 2x MKL at every shape a model's step has, from one token to
-thousands, rank-16 adapters included (`python bench/onednn_bench.py`). The products are the same; the
-sums run in another order (fp32 rounding, about 1e-7 relative).
+CPU of our measurements it is about 2x MKL at the shapes of a training step, rank-16 LoRA products
+included, and 1.4x at a single decoding row (`python bench/onednn_bench.py`). The products are the same;
+the sums run in another order (fp32 rounding, about 1e-6 of the largest entry).
 
 Two users: the expert banks of alignment.models.experts (one product per expert, as a single op
-`smoe::expert_linear` that selective checkpointing can keep as a grouped matmul) and every plain
-`nn.Linear` of a model the project loads (`use_onednn_linears`). Anything else takes torch's own path:
-bf16 and fp16, CUDA, autocast, tensors that are not plain (DTensor, DeepSpeed's partitioned parameters),
-torch builds without oneDNN, and `use_onednn(False)`.
+`smoe::expert_linear` that selective checkpointing can keep as a grouped matmul) and the plain
+`nn.Linear` layers of a model the project loads, routers left out (`use_onednn_linears`: a router's
+logits in another rounding could break a near-tie in its top-k differently from torch's own). Anything
+else takes torch's own path: bf16 and fp16, CUDA, autocast, tensors that are not plain (DTensor,
+DeepSpeed's partitioned parameters), torch builds without oneDNN, and the recipe key `cpu_matmul: torch`.
 """
 
 import platform
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
+
+from alignment.errors import SmoeError
 
 AVAILABLE = platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 _enabled = True
@@ -27,6 +32,23 @@ def use_onednn(enabled: bool = True):
     """Switch the oneDNN path on or off for this process (off: torch's own matmuls, bit for bit)."""
     global _enabled
     _enabled = enabled
+
+
+@dataclass
+class MatmulArgs:
+    # fp32 matmuls on an x86 CPU: auto (oneDNN where it runs), onednn (stop where it cannot), torch (torch's own, MKL)
+    cpu_matmul: str = field(default="auto", metadata={"choices": ["auto", "onednn", "torch"]})
+
+
+def use_cpu_matmul(args: MatmulArgs | None, dtype: str | None, on_cpu: bool):
+    """The training stages' switch, before the model loads: `onednn` is refused where it would not run."""
+    choice = args.cpu_matmul if args is not None else "auto"
+    if choice == "onednn":
+        why = "this torch build has no oneDNN CPU matmul (x86 builds only)" if not AVAILABLE else "training runs on a GPU" if not on_cpu else None
+        why = why or (f"the weights are {dtype}, not float32" if dtype != "float32" else None)
+        if why:
+            raise SmoeError(f"cpu_matmul: onednn runs fp32 products on an x86 CPU, but {why}", "recipe key cpu_matmul", "set cpu_matmul: auto (oneDNN wherever it runs) or torch")
+    use_onednn(choice != "torch")
 
 
 def usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -47,7 +69,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
-def _expert_rows(expert_size: list[int]):
+def expert_rows(expert_size: list[int]):
     """(expert, slice of its rows) for every expert that has tokens."""
     start = 0
     for expert, size in enumerate(expert_size):
@@ -62,10 +84,12 @@ def expert_linear(x: torch.Tensor, weight: torch.Tensor, expert_size: list[int],
     plus low[rows] @ up[e] (low [tokens, r], up [E, r, out]: a LoRA's B product) added to each expert's piece
     while it is fresh (no second [tokens, out] tensor)."""
     pieces = []
-    for e, rows in _expert_rows(expert_size):
+    for e, rows in expert_rows(expert_size):
         pieces.append(linear(x[rows], weight[e]))
         if low is not None:
             pieces[-1].addmm_(low[rows], up[e])
+    if not pieces:  # no rows routed to this bank
+        return x.new_zeros(x.shape[0], weight.shape[1])
     out = torch.cat(pieces)
     return out if out.shape[0] == x.shape[0] else torch.cat([out, out.new_zeros(x.shape[0] - out.shape[0], out.shape[1])])
 
@@ -83,6 +107,7 @@ class _ExpertLinear(torch.autograd.Function):
         return expert_linear(x, weight, expert_size)
 
     @staticmethod
+    @once_differentiable  # oneDNN's products carry no autograd: a second derivative would be silently zero
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         need_x, need_weight = ctx.needs_input_grad[:2]
@@ -93,7 +118,7 @@ class _ExpertLinear(torch.autograd.Function):
             for e, size in enumerate(ctx.expert_size):
                 if not size:
                     grad_weight[e].zero_()
-            for e, rows in _expert_rows(ctx.expert_size):
+            for e, rows in expert_rows(ctx.expert_size):
                 grad_weight[e].copy_(linear(grad[rows].t(), x[rows].t()))  # [out, tokens] @ [tokens, in]
         return grad_x, grad_weight, None
 
@@ -112,6 +137,7 @@ class _Linear(torch.autograd.Function):
         return linear(rows, weight, bias).view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         rows, weight = ctx.saved_tensors
         need_x, need_weight, need_bias = ctx.needs_input_grad
@@ -131,11 +157,11 @@ class Linear(nn.Linear):
         return super().forward(x)
 
 
-def use_onednn_linears(model: nn.Module) -> nn.Module:
-    """Every plain nn.Linear of the model becomes a `Linear` (same parameters, same state dict, still an
-    nn.Linear to PEFT and transformers); subclasses (4-bit, adapters) are left as they are."""
+def use_onednn_linears(model: nn.Module, leave=lambda name: False) -> nn.Module:
+    """Every plain nn.Linear of the model whose name `leave` does not pick becomes a `Linear` (same parameters,
+    same state dict, still an nn.Linear to PEFT and transformers); subclasses (4-bit, adapters) stay as they are."""
     if AVAILABLE:
-        for module in model.modules():
-            if type(module) is nn.Linear:
+        for name, module in model.named_modules():
+            if type(module) is nn.Linear and not leave(name):
                 module.__class__ = Linear
     return model

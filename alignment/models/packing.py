@@ -55,8 +55,8 @@ def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
             F.scaled_dot_product_attention(q_piece, k_piece, v_piece, dropout_p=dropout, scale=scaling, is_causal=True, enable_gqa=grouped)
             for q_piece, k_piece, v_piece in zip(q.split(lengths, dim=2), k.split(lengths, dim=2), v.split(lengths, dim=2))
         ]
-        rows.append(torch.cat(pieces, dim=2))
-    return torch.cat(rows).transpose(1, 2).contiguous(), None
+        rows.append(torch.cat(pieces, dim=2) if len(pieces) > 1 else pieces[0])
+    return (torch.cat(rows) if len(rows) > 1 else rows[0]).transpose(1, 2).contiguous(), None
 
 
 def packed_mask(*args, attention_mask=None, q_length=None, kv_length=None, **kwargs):
