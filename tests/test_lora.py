@@ -124,3 +124,17 @@ def test_lora_options_the_expert_layer_lacks_are_refused(micro_model, tmp_path, 
     args = ["sft", "--config", "recipes/tiny/sft_lora.yaml", "--model_name_or_path", micro_model, "--dataset_path", str(data), "--output_dir", str(tmp_path / "out"), "--use_dora", "true"]
     assert main(args) == 2
     assert "use_dora: DoRA is not implemented for LoRA on the expert banks" in capsys.readouterr().err
+
+
+def test_a_merged_adapter_disabled_gives_the_base_model(micro_model):
+    """PEFT's rule for a merged layer under `disable_adapter()`: taken out of the weights again, not left in."""
+    with torch.no_grad():
+        base = load_causal_lm(micro_model).eval()(input_ids=ids()).logits
+        model = expert_lora(load_causal_lm(micro_model)).eval()
+        randomise_b(model)
+        adapted = model(input_ids=ids()).logits
+        model.merge_adapter()
+        with model.disable_adapter():
+            disabled = model(input_ids=ids()).logits
+    assert (adapted - base).abs().max() > 1e-3
+    torch.testing.assert_close(disabled, base, rtol=1e-5, atol=1e-5)
