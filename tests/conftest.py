@@ -6,9 +6,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest
 from datasets import Dataset, DatasetDict
 
+from alignment.models import onednn
 from alignment.models.tiny import TinyModelArgs, init_model
 
 MICRO = dict(hidden_size=32, num_hidden_layers=2, num_key_value_heads=2, kv_channels=8, intermediate_size=32)
+
+
+@pytest.fixture(autouse=True)
+def onednn_at_micro_sizes(monkeypatch):
+    """The micro models' products are all below oneDNN's size threshold: tests run them through oneDNN anyway,
+    so that its path is what they check (tests/test_onednn.py checks the threshold itself)."""
+    monkeypatch.setattr(onednn, "MIN_FLOPS", 0)
 
 
 @pytest.fixture(scope="session")

@@ -187,3 +187,17 @@ def test_the_recipe_key_trains_the_same_loss_and_refuses_what_it_cannot_honour(m
     assert len(losses["torch"]) == 2 and max(abs(a - b) for a, b in zip(losses["torch"], losses["onednn"])) <= 1e-5  # ... with the same loss
     code = main(["sft", "--config", "recipes/tiny/sft.yaml", "--model_name_or_path", micro_model, "--dataset_path", str(tmp_path / "data"), "--output_dir", str(tmp_path / "bf16"), "--cpu_matmul", "onednn", *fast[:-2], "--dtype", "bfloat16"])
     assert code == 2 and "cpu_matmul: onednn" in capsys.readouterr().err
+
+
+def test_products_below_the_size_threshold_take_torchs_path(monkeypatch):
+    """oneDNN's fixed cost per call loses at small sizes (a tiny model's generation): those products stay with torch."""
+    monkeypatch.setattr(onednn, "MIN_FLOPS", 4_000_000)
+    layer = onednn.use_onednn_linears(nn.Sequential(nn.Linear(64, 64)))[0]
+    bank = torch.randn(8, 64, 64)
+    for rows, expected in ((8, 0), (512, 1)):  # 2 x rows x 64 x 64 FLOPs: 65 k and 4.2 M (per expert: / 8)
+        with Ops() as ops:
+            layer(torch.randn(rows, 64))
+        assert ran(ops)["mkldnn._linear_pointwise"] == expected
+        with Ops() as ops:
+            grouped_linear(torch.randn(8 * rows, 64), bank, [rows] * 8)
+        assert bool(ran(ops)["smoe.expert_linear"]) == bool(expected)

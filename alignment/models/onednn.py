@@ -51,7 +51,15 @@ def use_cpu_matmul(args: MatmulArgs | None, dtype: str | None, on_cpu: bool):
     use_onednn(choice != "torch")
 
 
+# below this many FLOPs a product (per expert for a bank) costs oneDNN more than MKL: its fixed cost per call
+# (about 12 us here, against MKL's 2) outweighs the faster kernel; the crossover measured on our CPU lies
+# between 2 and 8 MFLOP (bench/onednn_bench.py's rows are all above it)
+MIN_FLOPS = 4_000_000
+
+
 def usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether x [..., in] through weight [out, in] (or a bank [E, out, in]) takes the oneDNN path."""
+    experts = weight.shape[0] if weight.dim() == 3 else 1
     return (
         _enabled
         and AVAILABLE
@@ -61,6 +69,7 @@ def usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and type(weight) in (torch.Tensor, nn.Parameter)
         and not hasattr(weight, "ds_id")  # a DeepSpeed ZeRO-3 parameter: its own linear gathers it
         and not torch.is_autocast_enabled("cpu")
+        and 2 * x.numel() * weight.shape[-2] / experts >= MIN_FLOPS
     )
 
 
@@ -78,8 +87,7 @@ def expert_rows(expert_size: list[int]):
         start += size
 
 
-@torch.library.custom_op("smoe::expert_linear", mutates_args=())
-def expert_linear(x: torch.Tensor, weight: torch.Tensor, expert_size: list[int], low: torch.Tensor | None = None, up: torch.Tensor | None = None) -> torch.Tensor:
+def expert_products(x: torch.Tensor, weight: torch.Tensor, expert_size: list[int], low: torch.Tensor | None = None, up: torch.Tensor | None = None) -> torch.Tensor:
     """x [tokens sorted by expert, in], weight [E, out, in] -> [tokens, out]: each expert's rows times its weight,
     plus low[rows] @ up[e] (low [tokens, r], up [E, r, out]: a LoRA's B product) added to each expert's piece
     while it is fresh (no second [tokens, out] tensor)."""
@@ -92,6 +100,12 @@ def expert_linear(x: torch.Tensor, weight: torch.Tensor, expert_size: list[int],
         return x.new_zeros(x.shape[0], weight.shape[1])
     out = torch.cat(pieces)
     return out if out.shape[0] == x.shape[0] else torch.cat([out, out.new_zeros(x.shape[0] - out.shape[0], out.shape[1])])
+
+
+@torch.library.custom_op("smoe::expert_linear", mutates_args=())
+def expert_linear(x: torch.Tensor, weight: torch.Tensor, expert_size: list[int], low: torch.Tensor | None = None, up: torch.Tensor | None = None) -> torch.Tensor:
+    """`expert_products` as one op, which selective checkpointing sees (and can keep) as a grouped matmul."""
+    return expert_products(x, weight, expert_size, low, up)
 
 
 @expert_linear.register_fake
@@ -125,6 +139,8 @@ class _ExpertLinear(torch.autograd.Function):
 
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, expert_size: list[int]) -> torch.Tensor:
     """x [tokens sorted by expert, in] through weight [E, out, in] per expert, with autograd (check `usable` first)."""
+    if not torch.is_grad_enabled():  # generation: none of the op and autograd machinery, whose cost shows at small widths
+        return expert_products(x, weight, expert_size)
     return _ExpertLinear.apply(x, weight, expert_size)
 
 
@@ -153,6 +169,8 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() and usable(x, self.weight):
+            if not torch.is_grad_enabled():
+                return linear(x.reshape(-1, x.shape[-1]), self.weight, self.bias).view(*x.shape[:-1], self.out_features)
             return _Linear.apply(x, self.weight, self.bias)
         return super().forward(x)
 
