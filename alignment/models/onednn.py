@@ -87,10 +87,12 @@ def expert_rows(expert_size: list[int]):
         start += size
 
 
-def expert_products(x: torch.Tensor, weight: torch.Tensor, expert_size: list[int], low: torch.Tensor | None = None, up: torch.Tensor | None = None) -> torch.Tensor:
+@torch.library.custom_op("smoe::expert_linear", mutates_args=())
+def expert_linear(x: torch.Tensor, weight: torch.Tensor, expert_size: list[int], low: torch.Tensor | None = None, up: torch.Tensor | None = None) -> torch.Tensor:
     """x [tokens sorted by expert, in], weight [E, out, in] -> [tokens, out]: each expert's rows times its weight,
     plus low[rows] @ up[e] (low [tokens, r], up [E, r, out]: a LoRA's B product) added to each expert's piece
-    while it is fresh (no second [tokens, out] tensor)."""
+    while it is fresh (no second [tokens, out] tensor). One op, which selective checkpointing sees (and can
+    keep) as a grouped matmul."""
     pieces = []
     for e, rows in expert_rows(expert_size):
         pieces.append(linear(x[rows], weight[e]))
@@ -100,12 +102,6 @@ def expert_products(x: torch.Tensor, weight: torch.Tensor, expert_size: list[int
         return x.new_zeros(x.shape[0], weight.shape[1])
     out = torch.cat(pieces)
     return out if out.shape[0] == x.shape[0] else torch.cat([out, out.new_zeros(x.shape[0] - out.shape[0], out.shape[1])])
-
-
-@torch.library.custom_op("smoe::expert_linear", mutates_args=())
-def expert_linear(x: torch.Tensor, weight: torch.Tensor, expert_size: list[int], low: torch.Tensor | None = None, up: torch.Tensor | None = None) -> torch.Tensor:
-    """`expert_products` as one op, which selective checkpointing sees (and can keep) as a grouped matmul."""
-    return expert_products(x, weight, expert_size, low, up)
 
 
 @expert_linear.register_fake
@@ -139,8 +135,6 @@ class _ExpertLinear(torch.autograd.Function):
 
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, expert_size: list[int]) -> torch.Tensor:
     """x [tokens sorted by expert, in] through weight [E, out, in] per expert, with autograd (check `usable` first)."""
-    if not torch.is_grad_enabled():  # generation: none of the op and autograd machinery, whose cost shows at small widths
-        return expert_products(x, weight, expert_size)
     return _ExpertLinear.apply(x, weight, expert_size)
 
 
