@@ -20,7 +20,7 @@ from alignment.report import machine, write_between_markers
 from moe_bench import best  # bench/ is the script's own directory
 
 # (what, rows, reduction, output width): the products of one mid JetMoE step (hidden 512, expert width 1024,
-# 8 experts, about 512 tokens per expert), LoRA rank 16, and one decoding row
+# 8 experts, about 512 tokens per expert), LoRA rank 16, one decoding row, and the tiny demo model's small products
 SHAPES = [
     ("expert up, forward", 512, 512, 2048),
     ("expert up, input gradient", 512, 2048, 512),
@@ -30,6 +30,8 @@ SHAPES = [
     ("LoRA A product", 2048, 512, 16),
     ("LoRA B product", 2048, 16, 2048),
     ("decoding, one row", 1, 512, 2048),
+    ("tiny demo model, decoding row", 1, 128, 256),  # these two are below onednn.MIN_FLOPS: they stay with torch
+    ("tiny demo model, an expert's rows", 480, 128, 256),
 ]
 
 

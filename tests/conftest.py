@@ -14,7 +14,7 @@ MICRO = dict(hidden_size=32, num_hidden_layers=2, num_key_value_heads=2, kv_chan
 
 @pytest.fixture(autouse=True)
 def onednn_at_micro_sizes(monkeypatch):
-    """The micro models' products are all below oneDNN's size threshold: tests run them through oneDNN anyway,
+    """The micro models' products are all below oneDNN's size floor: tests run them through oneDNN anyway,
     so that its path is what they check (tests/test_onednn.py checks the threshold itself)."""
     monkeypatch.setattr(onednn, "MIN_FLOPS", 0)
 

@@ -189,15 +189,13 @@ def test_the_recipe_key_trains_the_same_loss_and_refuses_what_it_cannot_honour(m
     assert code == 2 and "cpu_matmul: onednn" in capsys.readouterr().err
 
 
-def test_products_below_the_size_threshold_take_torchs_path(monkeypatch):
-    """oneDNN's fixed cost per call loses at small sizes (a tiny model's generation): those products stay with torch."""
-    monkeypatch.setattr(onednn, "MIN_FLOPS", 4_000_000)
-    layer = onednn.use_onednn_linears(nn.Sequential(nn.Linear(64, 64)))[0]
-    bank = torch.randn(8, 64, 64)
-    for rows, expected in ((8, 0), (512, 1)):  # 2 x rows x 64 x 64 FLOPs: 65 k and 4.2 M (per expert: / 8)
+def test_products_below_the_size_floor_take_torchs_path(monkeypatch):
+    """oneDNN's cost per call and per new shape loses on small products: those stay with torch (per expert for a bank)."""
+    monkeypatch.setattr(onednn, "MIN_FLOPS", 250_000_000)
+    layer = onednn.use_onednn_linears(nn.Sequential(nn.Linear(512, 256)))[0]
+    bank = torch.randn(2, 256, 512)
+    for rows, expected in ((512, 0), (1024, 1)):  # 2 x rows x 512 x 256 FLOPs: 134 M and 268 M (a bank: per expert)
         with Ops() as ops:
-            layer(torch.randn(rows, 64))
-        assert ran(ops)["mkldnn._linear_pointwise"] == expected
-        with Ops() as ops:
-            grouped_linear(torch.randn(8 * rows, 64), bank, [rows] * 8)
-        assert bool(ran(ops)["smoe.expert_linear"]) == bool(expected)
+            layer(torch.randn(rows, 512))
+            grouped_linear(torch.randn(2 * rows, 512), bank, [rows] * 2)
+        assert ran(ops)["mkldnn._linear_pointwise"] == ran(ops)["smoe.expert_linear"] == expected

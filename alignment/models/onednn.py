@@ -51,10 +51,11 @@ def use_cpu_matmul(args: MatmulArgs | None, dtype: str | None, on_cpu: bool):
     use_onednn(choice != "torch")
 
 
-# below this many FLOPs a product (per expert for a bank) costs oneDNN more than MKL: its fixed cost per call
-# (about 12 us here, against MKL's 2) outweighs the faster kernel; the crossover measured on our CPU lies
-# between 2 and 8 MFLOP (bench/onednn_bench.py's rows are all above it)
-MIN_FLOPS = 4_000_000
+# oneDNN builds a kernel for every new product shape (0.4-0.8 ms here, and 12 us a call even when cached, against
+# MKL's 2), and shapes change every step: each expert's row count, a padded batch's length. Below this many
+# FLOPs a product (per expert for a bank) that costs more than the faster kernel saves: the tiny demo model,
+# 31 MFLOP an expert, trained 3x slower through oneDNN, and 14% slower with only its dense layers on it.
+MIN_FLOPS = 250_000_000
 
 
 def usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
