@@ -49,6 +49,14 @@ def measure(rounds: int):
             ours = min(ours, best(mine, rounds // 2 or 1))
         difference = ((mine() - theirs()).abs().max() / theirs().abs().max()).item()
         print(f"| {what} | {rows} x {reduction} x {width} | {theirs_time * 1e3:.3f} | {ours * 1e3:.3f} | **{theirs_time / ours:.2f}x** | {difference:.1e} |")
+    # an expert's row count changes every step: oneDNN then builds a kernel for the new shape, MKL has no such cost
+    weight, counts = torch.randn(256, 128), range(1000, 1000 + rounds)
+    inputs = [torch.randn(n, 128) for n in counts]
+    new_shape = best(lambda: [onednn.linear(x, weight) for x in inputs], 1) / rounds
+    same_shape = best(lambda: [onednn.linear(inputs[0], weight) for _ in inputs], 1) / rounds
+    mkl = best(lambda: [torch.mm(x, weight.t()) for x in inputs], 1) / rounds
+    print(f"\nA new row count on every call (about 1000 x 128 x 256): oneDNN {new_shape * 1e3:.3f} ms a call against {same_shape * 1e3:.3f} ms "
+          f"with the shape it has built before, and torch's MKL {mkl * 1e3:.3f} ms; this is why `onednn.MIN_FLOPS` keeps small products with torch.")
 
 
 def main():
