@@ -11,8 +11,8 @@ Two users: the expert banks of alignment.models.experts (one product per expert,
 `smoe::expert_linear` that selective checkpointing can keep as a grouped matmul) and the plain
 `nn.Linear` layers of a model the project loads, routers left out (`use_onednn_linears`: a router's
 logits in another rounding could break a near-tie in its top-k differently from torch's own). Anything
-else takes torch's own path: bf16 and fp16, CUDA, autocast, tensors that are not plain (DTensor,
-DeepSpeed's partitioned parameters), torch builds without oneDNN, and the recipe key `cpu_matmul: torch`.
+else takes torch's own path: products under MIN_FLOPS, bf16 and fp16, CUDA, autocast, tensors that are not
+plain (DTensor, DeepSpeed's partitioned parameters), torch builds without oneDNN, and `cpu_matmul: torch`.
 """
 
 import platform
