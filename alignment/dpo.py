@@ -13,7 +13,6 @@ import copy
 import time
 from dataclasses import dataclass
 
-import torch
 from datasets import Dataset
 from trl import DPOConfig, DPOTrainer, ModelConfig
 
@@ -57,7 +56,7 @@ def end_at_eos(ids: list[int], eos: int | None) -> list[int]:
 def run(data_args: DPODataArgs, training_args: DPOConfig, model_args: ModelConfig, moe: MoEArgs, checkpointing: CheckpointingArgs | None = None, matmul: MatmulArgs | None = None):
     started = time.time()
     check_before_loading(training_args, model_args)
-    use_cpu_matmul(matmul, model_args.dtype, on_cpu=training_args.use_cpu or not torch.cuda.is_available())
+    use_cpu_matmul(matmul, training_args, model_args)
     use_checkpointing_policy(training_args, checkpointing, peft=model_args.use_peft)  # refused before the model loads
     train, held_out, where = data_args.rows()
     check_training_setup(training_args, held_out)

@@ -10,7 +10,6 @@ without padding; attention then stays inside each conversation (alignment.models
 import time
 from dataclasses import dataclass
 
-import torch
 from datasets import Dataset
 from trl import ModelConfig, SFTConfig, SFTTrainer
 
@@ -42,7 +41,7 @@ def conversations(rows: list[dict], field: str, where: str) -> list[dict]:
 def run(data_args: SFTDataArgs, training_args: SFTConfig, model_args: ModelConfig, moe: MoEArgs, checkpointing: CheckpointingArgs | None = None, matmul: MatmulArgs | None = None):
     started = time.time()
     check_before_loading(training_args, model_args)
-    use_cpu_matmul(matmul, model_args.dtype, on_cpu=training_args.use_cpu or not torch.cuda.is_available())
+    use_cpu_matmul(matmul, training_args, model_args)
     use_checkpointing_policy(training_args, checkpointing, peft=model_args.use_peft)  # refused before the model loads
     train, held_out, where = data_args.rows()
     check_training_setup(training_args, held_out)

@@ -90,11 +90,7 @@ class ExpertLoraLayer(nn.Module, LoraLayer):
             name = active[0]
             return linear_with_lora(inputs, base.weight, [(self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name])], expert_size)
         result = self.base_layer(inputs, expert_size)
-        if self.disable_adapters or self.merged:
-            return result
-        for name in self.active_adapters:
-            if name not in self.lora_A:
-                continue
+        for name in active:
             x = self.lora_dropout[name](inputs)
             result = add_expert_lora(result, x, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name], expert_size)
         return result

@@ -131,14 +131,14 @@ def expert_weights(model: nn.Module) -> list[tuple[str, int, int, int]]:
 def _project(module, layout: FusedExperts, name: str, x, sizes, expert_ids, lora):
     """x [tokens sorted by expert, in] through weight `name` of every expert, plus each LoRA x A^T B^T * s."""
     nf4 = nf4_parametrization(module, name)
-    if nf4 is None and not layout.bias:
-        weight = getattr(module, name)
-        return linear_with_lora(x, weight.transpose(1, 2) if layout.transposed else weight, lora.get(name, []), sizes)
     if nf4 is not None:  # 4-bit experts: those with tokens dequantised for this product only, nothing kept
         y = nf4.matmul(module.parametrizations[name].original, x, sizes)
     else:
         weight = getattr(module, name)
-        y = grouped_linear(x, weight.transpose(1, 2) if layout.transposed else weight, sizes)
+        weight = weight.transpose(1, 2) if layout.transposed else weight
+        if not layout.bias:  # base and adapters together (in one pass where that pays)
+            return linear_with_lora(x, weight, lora.get(name, []), sizes)
+        y = grouped_linear(x, weight, sizes)
     if layout.bias:
         y = y + getattr(module, f"{name}_bias")[expert_ids]
     for a, b, scaling in lora.get(name, ()):

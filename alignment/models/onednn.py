@@ -40,12 +40,13 @@ class MatmulArgs:
     cpu_matmul: str = field(default="auto", metadata={"choices": ["auto", "onednn", "torch"]})
 
 
-def use_cpu_matmul(args: MatmulArgs | None, dtype: str | None, on_cpu: bool):
+def use_cpu_matmul(args: MatmulArgs | None, training_args, model_args):
     """The training stages' switch, before the model loads: `onednn` is refused where it would not run."""
     choice = args.cpu_matmul if args is not None else "auto"
     if choice == "onednn":
+        on_cpu = training_args.use_cpu or not torch.cuda.is_available()
         why = "this torch build has no oneDNN CPU matmul (x86 builds only)" if not AVAILABLE else "training runs on a GPU" if not on_cpu else None
-        why = why or (f"the weights are {dtype}, not float32" if dtype != "float32" else None)
+        why = why or (f"the weights are {model_args.dtype}, not float32" if model_args.dtype != "float32" else None)
         if why:
             raise SmoeError(f"cpu_matmul: onednn runs fp32 products on an x86 CPU, but {why}", "recipe key cpu_matmul", "set cpu_matmul: auto (oneDNN wherever it runs) or torch")
     use_onednn(choice != "torch")
@@ -164,8 +165,6 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() and usable(x, self.weight):
-            if not torch.is_grad_enabled():
-                return linear(x.reshape(-1, x.shape[-1]), self.weight, self.bias).view(*x.shape[:-1], self.out_features)
             return _Linear.apply(x, self.weight, self.bias)
         return super().forward(x)
 
