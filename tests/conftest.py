@@ -17,6 +17,8 @@ def onednn_at_micro_sizes(monkeypatch):
     """The micro models' products are all below oneDNN's size floor: tests run them through oneDNN anyway,
     so that its path is what they check (tests/test_onednn.py checks the threshold itself)."""
     monkeypatch.setattr(onednn, "MIN_FLOPS", 0)
+    for switch, default in (("_enabled", True), ("_every_size", False)):  # what a stage's cpu_matmul set stays in its test
+        monkeypatch.setattr(onednn, switch, default)
 
 
 @pytest.fixture(scope="session")

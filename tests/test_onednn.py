@@ -199,3 +199,20 @@ def test_products_below_the_size_floor_take_torchs_path(monkeypatch):
             layer(torch.randn(rows, 512))
             grouped_linear(torch.randn(2 * rows, 512), bank, [rows] * 2)
         assert ran(ops)["mkldnn._linear_pointwise"] == ran(ops)["smoe.expert_linear"] == expected
+
+
+def test_onednn_takes_every_size_auto_only_products_above_the_floor(monkeypatch):
+    """`cpu_matmul: onednn` is honoured for the small products too; `auto` leaves those with torch."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(onednn, "MIN_FLOPS", 250_000_000)
+    layer = onednn.use_onednn_linears(nn.Sequential(nn.Linear(16, 8)))[0]
+    training, model = SimpleNamespace(use_cpu=True), SimpleNamespace(dtype="float32")
+    try:
+        for choice, expected in (("onednn", 1), ("auto", 0), ("torch", 0)):
+            onednn.use_cpu_matmul(onednn.MatmulArgs(choice), training, model)
+            with Ops() as ops:
+                layer(torch.randn(4, 16))
+            assert ran(ops)["mkldnn._linear_pointwise"] == expected, choice
+    finally:
+        onednn.use_onednn(True)

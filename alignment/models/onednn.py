@@ -26,17 +26,20 @@ from alignment.errors import SmoeError
 
 AVAILABLE = platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 _enabled = True
+_every_size = False  # cpu_matmul: onednn, which asks for oneDNN below MIN_FLOPS too
 
 
-def use_onednn(enabled: bool = True):
-    """Switch the oneDNN path on or off for this process (off: torch's own matmuls, bit for bit)."""
-    global _enabled
-    _enabled = enabled
+def use_onednn(enabled: bool = True, every_size: bool = False):
+    """Switch the oneDNN path on or off for this process (off: torch's own matmuls, bit for bit); `every_size`
+    also takes the products under MIN_FLOPS through it."""
+    global _enabled, _every_size
+    _enabled, _every_size = enabled, every_size
 
 
 @dataclass
 class MatmulArgs:
-    # fp32 matmuls on an x86 CPU: auto (oneDNN where it runs), onednn (stop where it cannot), torch (torch's own, MKL)
+    # fp32 matmuls on an x86 CPU: auto (oneDNN where it runs and pays), onednn (every product, whatever its size;
+    # stop where it cannot run), torch (torch's own, MKL)
     cpu_matmul: str = field(default="auto", metadata={"choices": ["auto", "onednn", "torch"]})
 
 
@@ -49,7 +52,7 @@ def use_cpu_matmul(args: MatmulArgs | None, training_args, model_args):
         why = why or (f"the weights are {model_args.dtype}, not float32" if model_args.dtype != "float32" else None)
         if why:
             raise SmoeError(f"cpu_matmul: onednn runs fp32 products on an x86 CPU, but {why}", "recipe key cpu_matmul", "set cpu_matmul: auto (oneDNN wherever it runs) or torch")
-    use_onednn(choice != "torch")
+    use_onednn(choice != "torch", every_size=choice == "onednn")
 
 
 # oneDNN builds a kernel for every new product shape (0.4-0.8 ms here, and 12 us a call even when cached, against
@@ -71,7 +74,7 @@ def usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and type(weight) in (torch.Tensor, nn.Parameter)
         and not hasattr(weight, "ds_id")  # a DeepSpeed ZeRO-3 parameter: its own linear gathers it
         and not torch.is_autocast_enabled("cpu")
-        and 2 * x.numel() * weight.shape[-2] / experts >= MIN_FLOPS
+        and (_every_size or 2 * x.numel() * weight.shape[-2] / experts >= MIN_FLOPS)
     )
 
 
