@@ -47,10 +47,15 @@ def test_linear_equals_nn_linear_forward_and_backward():
 
 
 @pytest.mark.parametrize("transposed", [False, True])
-def test_expert_linear_equals_one_matmul_per_expert(transposed):
-    """Experts without tokens included (their weight gradient is zero), and a weight given as a transposed view (fused [E, in, out] layouts)."""
+@pytest.mark.parametrize("bucket", [32, 4])
+def test_expert_linear_equals_one_matmul_per_expert(transposed, bucket, monkeypatch):
+    """Experts without tokens included (their weight gradient is zero), and a weight given as a transposed view
+    (fused [E, in, out] layouts). Bucket 4 rounds the row counts up: the first experts multiply their
+    neighbours' rows too, the last one rows before its own; the weight gradients sum over whole buckets and a
+    zero-padded rest (8 rows: no rest), where neighbours' rows would be summed in."""
+    monkeypatch.setattr(onednn, "ROW_BUCKET", bucket)
     torch.manual_seed(0)
-    sizes = [5, 0, 9, 3]
+    sizes = [5, 0, 8, 3]
     x, weight = torch.randn(sum(sizes), 32), torch.randn(4, 24, 32)
     stored = weight.transpose(1, 2).contiguous() if transposed else weight
 
@@ -65,6 +70,7 @@ def test_expert_linear_equals_one_matmul_per_expert(transposed):
         mine = grads(fast, x, stored)
     theirs = grads(loop, x, stored)
     assert ran(ops)["smoe.expert_linear"] == 2 and ran(ops)["aten._grouped_mm"] == 0  # forward and input gradient
+    assert ran(ops)["mkldnn._linear_pointwise"] == 3 + (bucket == 4)  # weight gradients; with bucket 4, expert 0 is a whole bucket plus a rest
     for a, b in zip(mine, theirs):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert torch.count_nonzero(mine[2][1]) == 0
