@@ -58,7 +58,8 @@ def use_cpu_matmul(args: MatmulArgs | None, training_args, model_args):
 # oneDNN builds a kernel for every new product shape (0.4-0.8 ms here, and 12 us a call even when cached, against
 # MKL's 2), and shapes change every step: each expert's row count, a padded batch's length. Below this many
 # FLOPs a product (per expert for a bank) that costs more than the faster kernel saves: the tiny demo model,
-# 31 MFLOP an expert, trained 3x slower through oneDNN, and 14% slower with only its dense layers on it.
+# 31 MFLOP an expert, trained 3x slower through oneDNN, and still 1.1-1.2x slower once expert row counts were
+# bucketed (ROW_BUCKET below), the per-call cost and a padded batch's new lengths remaining.
 MIN_FLOPS = 250_000_000
 
 
@@ -108,7 +109,8 @@ def _weight_grad(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     whole = rows - rows % ROW_BUCKET
     if whole == rows:
         return linear(grad.t(), x.t())
-    rest_grad, rest_x = (torch.cat([t[whole:], t.new_zeros(ROW_BUCKET - rows + whole, t.shape[1])]) for t in (grad, x))
+    rest_grad, rest_x = grad.new_zeros(ROW_BUCKET, grad.shape[1]), x.new_zeros(ROW_BUCKET, x.shape[1])
+    rest_grad[: rows - whole], rest_x[: rows - whole] = grad[whole:], x[whole:]
     if not whole:
         return linear(rest_grad.t(), rest_x.t())
     return torch.ops.mkldnn._linear_pointwise.binary(rest_grad.t(), linear(grad[:whole].t(), x[:whole].t()), rest_x.t(), None, "add")
