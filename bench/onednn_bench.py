@@ -60,7 +60,7 @@ def measure(rounds: int):
     # at the mid model's expert widths, row counts (never seen before) rounded up to onednn.ROW_BUCKET, as the expert banks run them
     x, weight = torch.randn(800, 512), torch.randn(2048, 512)
     counts = [n for n in range(401, 401 + 2 * rounds) if n % onednn.ROW_BUCKET]
-    bucketed = best(lambda: [onednn.linear(x[: -(-n // onednn.ROW_BUCKET) * onednn.ROW_BUCKET], weight)[:n] for n in counts], 1) / len(counts)
+    bucketed = best(lambda: [onednn.linear(x[: onednn.bucketed(n)], weight)[:n] for n in counts], 1) / len(counts)
     new_shape = best(lambda: [onednn.linear(x[:n], weight) for n in counts], 1) / len(counts)
     print(f"\nAn expert's row count, new on every call (401 to {counts[-1]} rows x 512 x 2048): oneDNN {new_shape * 1e3:.3f} ms a call; "
           f"rounded up to a multiple of {onednn.ROW_BUCKET} rows (the expert banks' way), {bucketed * 1e3:.3f} ms.")

@@ -91,11 +91,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 ROW_BUCKET = 32
 
 
+def bucketed(rows: int) -> int:
+    """`rows` rounded up to a multiple of ROW_BUCKET."""
+    return -(-rows // ROW_BUCKET) * ROW_BUCKET
+
+
 def _window(rows: slice, total: int) -> tuple[slice, int]:
     """The rows of x to multiply for an expert's `rows`: a multiple of ROW_BUCKET around them (the neighbours'
     rows, whose products are dropped), and where the expert's own rows start in it."""
-    size = rows.stop - rows.start
-    padded = -(-size // ROW_BUCKET) * ROW_BUCKET
+    padded = bucketed(rows.stop - rows.start)
     if padded > total:
         return rows, 0
     start = min(rows.start, total - padded)
