@@ -47,15 +47,15 @@ def test_linear_equals_nn_linear_forward_and_backward():
 
 
 @pytest.mark.parametrize("transposed", [False, True])
-@pytest.mark.parametrize("bucket", [32, 4])
-def test_expert_linear_equals_one_matmul_per_expert(transposed, bucket, monkeypatch):
+@pytest.mark.parametrize("sizes_per_doubling", [8, 2])
+def test_expert_linear_equals_one_matmul_per_expert(transposed, sizes_per_doubling, monkeypatch):
     """Experts without tokens included (their weight gradient is zero), and a weight given as a transposed view
-    (fused [E, in, out] layouts). Bucket 4 rounds the row counts up: the first experts multiply their
-    neighbours' rows too, the last one rows before its own; the weight gradients sum over whole buckets and a
-    zero-padded rest (8 rows: no rest), where neighbours' rows would be summed in."""
-    monkeypatch.setattr(onednn, "ROW_BUCKET", bucket)
+    (fused [E, in, out] layouts). With 2 row sizes per doubling the row counts are rounded up: the first expert
+    multiplies its neighbour's row too, the last one a row before its own; the weight gradients sum whole steps
+    and a zero-padded rest (8 rows: no rest), where neighbours' rows would be summed in."""
+    monkeypatch.setattr(onednn, "ROW_SIZES", sizes_per_doubling)
     torch.manual_seed(0)
-    sizes = [5, 0, 8, 3]
+    sizes = [5, 0, 8, 7]
     x, weight = torch.randn(sum(sizes), 32), torch.randn(4, 24, 32)
     stored = weight.transpose(1, 2).contiguous() if transposed else weight
 
@@ -72,13 +72,13 @@ def test_expert_linear_equals_one_matmul_per_expert(transposed, bucket, monkeypa
         mine = grads(fast, x, stored)
     theirs = grads(loop, x, stored)
     assert ran(ops)["smoe.expert_linear"] == 2 and ran(ops)["aten._grouped_mm"] == 0  # forward and input gradient
-    assert ran(ops)["mkldnn._linear_pointwise"] == 3 + (bucket == 4)  # weight gradients; with bucket 4, expert 0 is a whole bucket plus a rest
-    # the left operand of every product: forward and input gradient [rows, width], weight gradient [out, rows]; bucket 32
-    # is larger than the 16 rows, so the forward runs each expert's own rows, and the weight gradient a zero-padded 32
+    assert ran(ops)["mkldnn._linear_pointwise"] == 3 + 2 * (sizes_per_doubling == 2)  # weight gradients; experts 0 and 3 as whole steps plus a rest
+    # the left operand of every product: forward and input gradient [rows, width], weight gradient [out, rows]
+    # (with 8 sizes per doubling these row counts are all their own sizes)
     assert shapes == {
-        4: [(8, 32), (8, 32), (4, 32), (8, 24), (8, 24), (4, 24), (24, 4), (24, 8), (24, 4)],
-        32: [(5, 32), (8, 32), (3, 32), (5, 24), (8, 24), (3, 24), (24, 32), (24, 32), (24, 32)],
-    }[bucket]
+        8: [(5, 32), (8, 32), (7, 32), (5, 24), (8, 24), (7, 24), (24, 5), (24, 8), (24, 7)],
+        2: [(6, 32), (8, 32), (8, 32), (6, 24), (8, 24), (8, 24), (24, 4), (24, 8), (24, 6)],
+    }[sizes_per_doubling]
     for a, b in zip(mine, theirs):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert torch.count_nonzero(mine[2][1]) == 0
@@ -149,16 +149,16 @@ def test_a_loaded_model_trains_through_onednn_with_the_numbers_of_torchs_own(mic
         torch.testing.assert_close(grads_[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize("bucket", [32, 4])
-def test_a_frozen_bank_and_its_adapter_in_one_pass_equal_the_two_in_turn(bucket, monkeypatch):
+@pytest.mark.parametrize("sizes_per_doubling", [8, 2])
+def test_a_frozen_bank_and_its_adapter_in_one_pass_equal_the_two_in_turn(sizes_per_doubling, monkeypatch):
     """linear_with_lora's one-pass path (base product + LoRA B product per expert, forward and backward)
     gives the numbers of the base bank followed by add_expert_lora, bit for bit, with an expert without tokens;
     the input gradient to fp32 rounding (there the two in turn add the adapter's part in a separate sum, which
-    rounds differently for some row counts, 3 among them). Bucket 4: the B product is added to an expert's own
+    rounds differently for some row counts). 2 sizes per doubling: the B product is added to an expert's own
     rows of a product over a larger window."""
-    monkeypatch.setattr(onednn, "ROW_BUCKET", bucket)
+    monkeypatch.setattr(onednn, "ROW_SIZES", sizes_per_doubling)
     torch.manual_seed(0)
-    sizes = [6, 0, 9, 3]  # bucket 4: the first experts read their neighbours' rows, the last one a row before its own
+    sizes = [6, 0, 9, 5]  # 2 sizes per doubling: expert 2 reads its neighbour's rows, the last one a row before its own
     x, weight = torch.randn(sum(sizes), 32), torch.randn(4, 24, 32)
     a, b = torch.randn(4, 3, 32), torch.randn(4, 24, 3)
 

@@ -59,7 +59,7 @@ def use_cpu_matmul(args: MatmulArgs | None, training_args, model_args):
 # MKL's 2), and shapes change every step: each expert's row count, a padded batch's length. Below this many
 # FLOPs a product (per expert for a bank) that costs more than the faster kernel saves: the tiny demo model,
 # 31 MFLOP an expert, trained 3x slower through oneDNN, and still 1.1-1.2x slower once expert row counts were
-# bucketed (ROW_BUCKET below), the per-call cost and a padded batch's new lengths remaining.
+# bucketed (ROW_SIZES below), the per-call cost and a padded batch's new lengths remaining.
 MIN_FLOPS = 250_000_000
 
 
@@ -85,20 +85,27 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 # An expert's row count is new at almost every call, and oneDNN builds a kernel for each new shape. Expert
-# products therefore run on row counts rounded up to a multiple of this, whose kernels are soon all built: a few
-# more rows multiplied, no kernel built (`python bench/onednn_bench.py` times both; the mid JetMoE's sft step
-# ran about 1.15x faster in `bench/train_throughput.py`).
-ROW_BUCKET = 32
+# products therefore run on row counts rounded up to one of ROW_SIZES sizes per doubling (at most 1/ROW_SIZES
+# more rows; few shapes at any size, so their kernels are soon all built): a few more rows multiplied, no kernel
+# built (`python bench/onednn_bench.py` times both; the mid JetMoE's sft step ran about 1.15x faster in
+# `bench/train_throughput.py`). A power of two.
+ROW_SIZES = 8
+
+
+def _row_step(rows: int) -> int:
+    """The multiple that `rows` is rounded to: 1/ROW_SIZES of the power of two at or below it (at least 1)."""
+    return max(1, (1 << (rows.bit_length() - 1)) // ROW_SIZES)
 
 
 def bucketed(rows: int) -> int:
-    """`rows` rounded up to a multiple of ROW_BUCKET."""
-    return -(-rows // ROW_BUCKET) * ROW_BUCKET
+    """`rows` rounded up to a multiple of its step (500 rows: 512; 37 rows: 37)."""
+    step = _row_step(rows)
+    return -(-rows // step) * step
 
 
 def _window(rows: slice, total: int) -> tuple[slice, int]:
-    """The rows of x to multiply for an expert's `rows`: a multiple of ROW_BUCKET around them (the neighbours'
-    rows, whose products are dropped), and where the expert's own rows start in it."""
+    """The rows of x to multiply for an expert's `rows`: `bucketed` rows around them (the neighbours' rows,
+    whose products are dropped), and where the expert's own rows start in it."""
     padded = bucketed(rows.stop - rows.start)
     if padded > total:
         return rows, 0
@@ -107,16 +114,14 @@ def _window(rows: slice, total: int) -> tuple[slice, int]:
 
 
 def _weight_grad(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """grad.T @ x ([out, rows] @ [rows, in]): the rows summed over in a multiple of ROW_BUCKET, then the rest
-    padded with zero rows to ROW_BUCKET (zeros here, not neighbours' rows: they would be summed in)."""
-    rows = grad.shape[0]
-    whole = rows - rows % ROW_BUCKET
+    """grad.T @ x ([out, rows] @ [rows, in]): the rows summed over in a multiple of their step, then the rest
+    padded with zero rows to one step (zeros here, not neighbours' rows: they would be summed in)."""
+    rows, step = grad.shape[0], _row_step(grad.shape[0])
+    whole = rows - rows % step
     if whole == rows:
         return linear(grad.t(), x.t())
-    rest_grad, rest_x = grad.new_zeros(ROW_BUCKET, grad.shape[1]), x.new_zeros(ROW_BUCKET, x.shape[1])
+    rest_grad, rest_x = grad.new_zeros(step, grad.shape[1]), x.new_zeros(step, x.shape[1])
     rest_grad[: rows - whole], rest_x[: rows - whole] = grad[whole:], x[whole:]
-    if not whole:
-        return linear(rest_grad.t(), rest_x.t())
     return torch.ops.mkldnn._linear_pointwise.binary(rest_grad.t(), linear(grad[:whole].t(), x[:whole].t()), rest_x.t(), None, "add")
 
 
