@@ -63,7 +63,7 @@ def measure(rounds: int):
     bucketed = best(lambda: [onednn.linear(x[: onednn.bucketed(n)], weight)[:n] for n in counts], 1) / len(counts)
     new_shape = best(lambda: [onednn.linear(x[:n], weight) for n in counts], 1) / len(counts)
     print(f"\nAn expert's row count, new on every call (401 to {counts[-1]} rows x 512 x 2048): oneDNN {new_shape * 1e3:.3f} ms a call; "
-          f"rounded up to one of {onednn.ROW_SIZES} sizes per doubling (the expert banks' way: here a multiple of {onednn._row_step(401)}), {bucketed * 1e3:.3f} ms.")
+          f"rounded up to one of {onednn.ROW_SIZES} sizes per doubling (the expert banks' way: here {' or '.join(str(n) for n in sorted(set(map(onednn.bucketed, counts))))} rows), {bucketed * 1e3:.3f} ms.")
 
 
 def main():

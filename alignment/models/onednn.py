@@ -98,7 +98,7 @@ def _row_step(rows: int) -> int:
 
 
 def bucketed(rows: int) -> int:
-    """`rows` rounded up to a multiple of its step (500 rows: 512; 37 rows: 37)."""
+    """`rows` rounded up to a multiple of its step (500 rows: 512; 37 rows: 40; 15 rows and fewer: themselves)."""
     step = _row_step(rows)
     return -(-rows // step) * step
 
