@@ -57,13 +57,16 @@ def measure(rounds: int):
     mkl = best(lambda: [torch.mm(x, weight.t()) for x in inputs], 1) / rounds
     print(f"\nA new row count on every call (about 1000 x 128 x 256): oneDNN {new_shape * 1e3:.3f} ms a call against {same_shape * 1e3:.3f} ms "
           f"with the shape it has built before, and torch's MKL {mkl * 1e3:.3f} ms; this is why `onednn.MIN_FLOPS` keeps small products with torch.")
-    # at the mid model's expert widths, row counts (never seen before) rounded up by onednn.bucketed, as the expert banks run them
-    x, weight = torch.randn(800, 512), torch.randn(2048, 512)
+    # at the mid model's expert widths, row counts never seen before, as they come (new kernels) and rounded up as the
+    # expert banks run them (onednn.bucketed)
     counts = [n for n in range(401, 401 + 2 * rounds) if onednn.bucketed(n) != n]
-    bucketed = best(lambda: [onednn.linear(x[: onednn.bucketed(n)], weight)[:n] for n in counts], 1) / len(counts)
-    new_shape = best(lambda: [onednn.linear(x[:n], weight) for n in counts], 1) / len(counts)
-    print(f"\nAn expert's row count, new on every call (401 to {counts[-1]} rows x 512 x 2048): oneDNN {new_shape * 1e3:.3f} ms a call; "
-          f"rounded up to one of {onednn.ROW_SIZES} sizes per doubling (the expert banks' way: here {' or '.join(str(n) for n in sorted(set(map(onednn.bucketed, counts))))} rows), {bucketed * 1e3:.3f} ms.")
+    rounded = " or ".join(str(n) for n in sorted(set(map(onednn.bucketed, counts))))
+    print(f"\nAn expert's row count, new on every call ({counts[0]} to {counts[-1]} rows; rounded up: {rounded}), ms a call, as it comes / rounded up:")
+    for width, out in ((512, 2048), (1024, 512)):
+        x, weight = torch.randn(800, width), torch.randn(out, width)
+        rounded_time = best(lambda: [onednn.linear(x[: onednn.bucketed(n)], weight)[:n] for n in counts], 1) / len(counts)
+        new_time = best(lambda: [onednn.linear(x[:n], weight) for n in counts], 1) / len(counts)
+        print(f"- rows x {width} x {out}: {new_time * 1e3:.3f} / {rounded_time * 1e3:.3f}")
 
 
 def main():

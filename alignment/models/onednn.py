@@ -88,7 +88,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 # products therefore run on row counts rounded up to one of ROW_SIZES sizes per doubling (at most 1/ROW_SIZES
 # more rows; few shapes at any size, so their kernels are soon all built): a few more rows multiplied, no kernel
 # built (`python bench/onednn_bench.py` times both; the mid JetMoE's sft step ran about 1.15x faster in
-# `bench/train_throughput.py`). A power of two.
+# `bench/train_throughput.py`). A power of two. Weight gradients, where the rows are the summed dimension, stay
+# as they are: summing whole steps plus a zero-padded rest was no faster in the whole step.
 ROW_SIZES = 8
 
 
@@ -111,18 +112,6 @@ def _window(rows: slice, total: int) -> tuple[slice, int]:
         return rows, 0
     start = min(rows.start, total - padded)
     return slice(start, start + padded), rows.start - start
-
-
-def _weight_grad(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """grad.T @ x ([out, rows] @ [rows, in]): the rows summed over in a multiple of their step, then the rest
-    padded with zero rows to one step (zeros here, not neighbours' rows: they would be summed in)."""
-    rows, step = grad.shape[0], _row_step(grad.shape[0])
-    whole = rows - rows % step
-    if whole == rows:
-        return linear(grad.t(), x.t())
-    rest_grad, rest_x = grad.new_zeros(step, grad.shape[1]), x.new_zeros(step, x.shape[1])
-    rest_grad[: rows - whole], rest_x[: rows - whole] = grad[whole:], x[whole:]
-    return torch.ops.mkldnn._linear_pointwise.binary(rest_grad.t(), linear(grad[:whole].t(), x[:whole].t()), rest_x.t(), None, "add")
 
 
 def expert_rows(expert_size: list[int]):
@@ -177,7 +166,7 @@ class _ExpertLinear(torch.autograd.Function):
                 if not size:
                     grad_weight[e].zero_()
             for e, rows in expert_rows(ctx.expert_size):
-                grad_weight[e].copy_(_weight_grad(grad[rows], x[rows]))
+                grad_weight[e].copy_(linear(grad[rows].t(), x[rows].t()))  # [out, tokens] @ [tokens, in]
         return grad_x, grad_weight, None
 
 
