@@ -93,14 +93,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 ROW_SIZES = 8
 
 
-def _row_step(rows: int) -> int:
-    """The multiple that `rows` is rounded to: 1/ROW_SIZES of the power of two at or below it (at least 1)."""
-    return max(1, (1 << (rows.bit_length() - 1)) // ROW_SIZES)
-
-
 def bucketed(rows: int) -> int:
-    """`rows` rounded up to a multiple of its step (500 rows: 512; 37 rows: 40; 15 rows and fewer: themselves)."""
-    step = _row_step(rows)
+    """`rows` rounded up to a multiple of 1/ROW_SIZES of the power of two at or below it (500 rows: 512; 37 rows:
+    40; 15 rows and fewer: themselves)."""
+    step = max(1, (1 << (rows.bit_length() - 1)) // ROW_SIZES)
     return -(-rows // step) * step
 
 
