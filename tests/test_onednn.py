@@ -91,6 +91,14 @@ def test_a_bank_with_no_routed_rows_gives_zeros():
     assert out.shape == (3, 4) and not out.any() and not x.grad.any() and not weight.grad.any()
 
 
+def test_rows_routed_to_no_expert_give_zeros_after_the_routed_ones():
+    x, weight = torch.randn(10, 8, requires_grad=True), torch.randn(3, 4, 8)
+    out = grouped_linear(x, weight, [3, 0, 4])
+    out.sum().backward()
+    torch.testing.assert_close(out[:7], torch.cat([x[:3] @ weight[0].T, x[3:7] @ weight[2].T]), rtol=1e-5, atol=1e-5)
+    assert out.shape == (10, 4) and not out[7:].any() and not x.grad[7:].any()
+
+
 def test_a_second_derivative_is_refused_not_silently_zero():
     layer = onednn.use_onednn_linears(nn.Sequential(nn.Linear(8, 4)))[0]
     for fn in (lambda x: layer(x), lambda x: grouped_linear(x, layer.weight[None], [3])):

@@ -131,10 +131,10 @@ def expert_linear(x: torch.Tensor, weight: torch.Tensor, expert_size: list[int],
         pieces.append(linear(x[window], weight[e])[start : start + rows.stop - rows.start])
         if low is not None:
             pieces[-1].addmm_(low[rows], up[e])
-    if not pieces:  # no rows routed to this bank
-        return x.new_zeros(x.shape[0], weight.shape[1])
-    out = torch.cat(pieces)
-    return out if out.shape[0] == x.shape[0] else torch.cat([out, out.new_zeros(x.shape[0] - out.shape[0], out.shape[1])])
+    unrouted = x.shape[0] - sum(expert_size)
+    if unrouted or not pieces:  # zeros for rows routed to no expert (all of them, or none, in a bank without routed rows)
+        pieces.append(x.new_zeros(unrouted, weight.shape[1]))
+    return torch.cat(pieces)
 
 
 @expert_linear.register_fake
